@@ -1,0 +1,46 @@
+# Copyright 2026 The nemotron-diffusion authors. Licensed under the Apache License, Version 2.0.
+"""Transformers-native tri-mode (AR / block diffusion / self-speculation) Nemotron-Labs-Diffusion models.
+
+Importing the package registers the configuration and model with transformers' Auto classes, so a folder in
+NVIDIA's published layout (`model_type: "nemotron_labs_diffusion"`) loads with these classes, without
+`trust_remote_code`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_nemotron_diffusion import NemotronDiffusionConfig
+from .generation_nemotron_diffusion import (
+    DECODE_MODES,
+    GENERATION_FIELDS,
+    NemotronDiffusionGenerateOutput,
+    NemotronDiffusionGenerationMixin,
+    ThinkingBudgetLogitsProcessor,
+)
+from .modeling_nemotron_diffusion import (
+    NemotronDiffusionCausalLMOutput,
+    NemotronDiffusionForCausalLM,
+    NemotronDiffusionModel,
+    NemotronDiffusionPreTrainedModel,
+    NemotronLabsDiffusionModel,
+)
+
+
+__version__ = "0.1.0"
+
+AutoConfig.register(NemotronDiffusionConfig.model_type, NemotronDiffusionConfig, exist_ok=True)
+AutoModel.register(NemotronDiffusionConfig, NemotronDiffusionForCausalLM, exist_ok=True)
+AutoModelForCausalLM.register(NemotronDiffusionConfig, NemotronDiffusionForCausalLM, exist_ok=True)
+
+__all__ = [
+    "DECODE_MODES",
+    "GENERATION_FIELDS",
+    "NemotronDiffusionCausalLMOutput",
+    "NemotronDiffusionConfig",
+    "NemotronDiffusionForCausalLM",
+    "NemotronDiffusionGenerateOutput",
+    "NemotronDiffusionGenerationMixin",
+    "NemotronDiffusionModel",
+    "NemotronDiffusionPreTrainedModel",
+    "NemotronLabsDiffusionModel",
+    "ThinkingBudgetLogitsProcessor",
+]

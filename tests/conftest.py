@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny random tri-mode models (fp32, CPU) and helpers every test file uses."""
+
+import os
+
+import pytest
+import torch
+
+from nemotron_diffusion import NemotronDiffusionConfig, NemotronDiffusionForCausalLM
+
+
+# Tests never reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+MASK_ID = 63
+PAD_ID = 0
+BOS_ID = 1
+EOS_ID = 2
+
+
+def tiny_config(**overrides) -> NemotronDiffusionConfig:
+    """A 2-layer model with NVIDIA's structure (GQA, explicit head_dim, YaRN + Llama-4 query scaling).
+
+    `original_max_position_embeddings` is 16 so that the Llama-4 query scale already changes at position 16: tests
+    with longer sequences notice wrong absolute positions.
+    """
+    values = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=1024,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "llama_4_scaling_beta": 0.1,
+        },
+        mask_token_id=MASK_ID,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        attn_implementation="sdpa",
+    )
+    values.update(overrides)
+    return NemotronDiffusionConfig(**values)
+
+
+def tiny_model(seed: int = 0, std: float = 0.2, **overrides) -> NemotronDiffusionForCausalLM:
+    """A random fp32 model in eval mode. `std` is larger than the usual 0.02 so that logits are not all near-ties."""
+    torch.manual_seed(seed)
+    config = tiny_config(initializer_range=std, **overrides)
+    return NemotronDiffusionForCausalLM(config).eval()
+
+
+def random_prompt(seed: int, length: int, batch: int = 1, low: int = 3, high: int = MASK_ID) -> torch.LongTensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(low, high, (batch, length), generator=generator)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = PAD_ID) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Left-pad token lists into (input_ids, attention_mask), as a tokenizer with padding_side='left' does."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+def new_tokens(sequences: torch.LongTensor, prompt_width: int) -> list[list[int]]:
+    return [row[prompt_width:].tolist() for row in sequences]
+
+
+def strip_after(tokens: list[int], stop_ids, pad_id: int = PAD_ID) -> list[int]:
+    """Tokens up to and including the first stop id; trailing padding of finished rows removed."""
+    out = []
+    for t in tokens:
+        out.append(t)
+        if t in stop_ids:
+            return out
+    while out and out[-1] == pad_id:
+        out.pop()
+    return out
+
+
+@pytest.fixture
+def model():
+    return tiny_model()
