@@ -36,7 +36,7 @@ def tiny_config(**overrides) -> NemotronDiffusionConfig:
         rope_parameters={
             "rope_type": "yarn",
             "rope_theta": 10000.0,
-            "factor": 4.0,
+            "factor": 64.0,  # = max_position_embeddings / original_max_position_embeddings
             "original_max_position_embeddings": 16,
             "beta_fast": 32.0,
             "beta_slow": 1.0,

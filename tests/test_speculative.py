@@ -1,0 +1,848 @@
+"""Self-speculative decoding (LinearSpec, QuadraticSpec) at temperature 0: lossless against greedy AR, budget and
+stopping edges, streaming, counters (NFE / TPF / acceptance lengths), batching, and the LoRA drafter.
+
+Two kinds of tiny fp32 models are used:
+
+* random models with a small vocabulary (a few lucky acceptances), and
+* "chain" models (`chain_model`), built so that drafts are often accepted: full and partial acceptance, and
+  accepted chunks that get cut by a stop, happen all the time.
+"""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from conftest import left_pad, tiny_model
+
+
+SPEC_MODES = ("linear_spec", "quadratic_spec")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny models are dominated by per-op overhead; one intra-op thread is several times faster on 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def chain_model(seed: int, vocab: int = 32, eps: float = 0.0, margin: float = 1.0, noise: float = 0.1, direct: float = 0.5):
+    """A model whose drafts are often accepted.
+
+    `o_proj` and `down_proj` are scaled by `eps`: at eps = 0 every slot's hidden state is its own input embedding, so
+    its logits are a function of its input token only. Embeddings are (nearly) one-hot and the head puts `margin` on
+    W[f(x), x], so a causal slot holding x predicts f(x) and a bidirectional mask slot predicts f(mask). The map f has
+    a fixed point a = f(a) = f(mask), every chain reaches it, and a fraction `direct` of the tokens maps straight to
+    a: drafts propose a
+    everywhere, they are rejected until the AR chain x, f(x), f(f(x)), ... reaches a, and then every draft is
+    accepted. eps > 0 adds context (attention over positions and the cache) that now and then breaks the chain.
+
+    Returns (model, f, a).
+    """
+    model = tiny_model(seed, vocab_size=vocab, mask_token_id=vocab - 1)
+    hidden = model.config.hidden_size
+    assert vocab <= hidden
+    generator = torch.Generator().manual_seed(1000 + seed)
+    mask = vocab - 1
+    # Rank the real tokens (never pad 0, bos 1, eos 2 or mask) with a first; every other token maps to a or to a
+    # token of lower rank, so every chain reaches a.
+    real = torch.arange(3, vocab - 1)[torch.randperm(vocab - 4, generator=generator)]
+    a = int(real[0])
+    f = torch.full((vocab,), a, dtype=torch.long)
+    for rank in range(1, len(real)):
+        if float(torch.rand(1, generator=generator)) >= direct:
+            f[real[rank]] = real[int(torch.randint(rank, (1,), generator=generator))]
+    for special in (0, 1, 2):
+        f[special] = real[int(torch.randint(len(real), (1,), generator=generator))]
+    with torch.no_grad():
+        embed = torch.randn(vocab, hidden, generator=generator) * noise
+        embed[torch.arange(vocab), torch.arange(vocab)] += 1.0
+        model.encoder.embed_tokens.weight.copy_(embed)
+        head = torch.randn(vocab, hidden, generator=generator) * noise
+        head[f, torch.arange(vocab)] += margin
+        model.diffusion_head.weight.copy_(head)
+        for layer in model.encoder.layers:
+            layer.self_attn.o_proj.weight.mul_(eps)
+            layer.mlp.down_proj.weight.mul_(eps)
+    return model, f, a
+
+
+# Built once: hypothesis examples pick from this pool.
+_POOL_SPECS = [
+    ("random", dict(seed=0, vocab_size=16, mask_token_id=15)),
+    ("random", dict(seed=1, vocab_size=24, mask_token_id=23)),
+    ("random", dict(seed=2, vocab_size=32, mask_token_id=31)),
+    ("random", dict(seed=3)),  # vocab 64
+    ("chain", dict(seed=0, vocab=16, eps=0.0)),
+    ("chain", dict(seed=1, vocab=32, eps=0.0)),
+    ("chain", dict(seed=2, vocab=24, eps=0.03)),
+    ("chain", dict(seed=3, vocab=32, eps=0.06)),
+    ("chain", dict(seed=4, vocab=32, eps=0.1)),
+    ("chain", dict(seed=5, vocab=16, eps=0.1)),
+]
+_POOL = []
+
+
+def pool():
+    if not _POOL:
+        for kind, kwargs in _POOL_SPECS:
+            _POOL.append(tiny_model(**kwargs) if kind == "random" else chain_model(**kwargs)[0])
+    return _POOL
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def generate(model, ids, mask, mode, **kwargs):
+    kwargs.setdefault("do_sample", False)
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, decode_mode=mode, return_dict_in_generate=True, **kwargs)
+
+
+def random_batch(seed, lengths, vocab, extra_pad=0):
+    """Left-padded prompts of the given lengths, tokens in [1, vocab) (the mask token included)."""
+    generator = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(1, vocab, (n,), generator=generator).tolist() for n in lengths]
+    ids, mask = left_pad(prompts)
+    if extra_pad:
+        ids = torch.cat([torch.zeros(len(lengths), extra_pad, dtype=torch.long), ids], dim=1)
+        mask = torch.cat([torch.zeros(len(lengths), extra_pad, dtype=torch.long), mask], dim=1)
+    return ids, mask
+
+
+def new_counts(sequences, prompt_width, max_new, eos):
+    """New tokens per row when EOS and max_new_tokens are the only stops: up to the first EOS, else the budget."""
+    counts = []
+    for row in sequences[:, prompt_width:].tolist():
+        hits = [i for i, t in enumerate(row) if eos is not None and t in eos]
+        counts.append(hits[0] + 1 if hits else max_new)
+    return counts
+
+
+def cycles_of(out):
+    """Per row, the list of acceptance lengths (0-padding removed), checking that the padding is trailing only."""
+    batch = out.sequences.shape[0]
+    lengths = out.acceptance_lengths
+    if lengths is None:
+        return [[] for _ in range(batch)]
+    assert lengths.dtype == torch.long and lengths.shape[0] == batch
+    rows = []
+    for row in lengths.tolist():
+        nonzero = [x for x in row if x > 0]
+        assert row == nonzero + [0] * (len(row) - len(nonzero)), f"acceptance lengths not 0-padded at the end: {row}"
+        rows.append(nonzero)
+    assert lengths.shape[1] == max(len(r) for r in rows), "acceptance_lengths has an all-zero trailing column"
+    return rows
+
+
+def check_counters(out, prompt_width, mode, max_new, block_size, threshold, eos):
+    """The exact accounting of the two loops (see `_linear_spec_decode` / `_quadratic_spec_decode`).
+
+    LinearSpec: the prefill emits the seed; every later token comes from a cycle, so new = 1 + sum(AL). A cycle is a
+    verify forward plus, with threshold None, one draft forward, skipped when the cycle's block has no draft slot
+    (block = min(block_size, largest remaining budget among live rows) == 1). Cycles of all live rows run in lockstep.
+    QuadraticSpec: the bootstrap forward is the prefill and each cycle is one forward; a row left with one token of
+    budget emits its pending AR token without a forward and without a cycle, so new - sum(AL) is 0 or (at the
+    budget) 1.
+    """
+    batch = out.sequences.shape[0]
+    new = new_counts(out.sequences, prompt_width, max_new, eos)
+    cycles = cycles_of(out)
+    forwards = out.num_forwards.tolist()
+    assert out.num_forwards.shape == (batch,) and out.tokens_per_forward.shape == (batch,)
+    expected_tpf = torch.tensor(new, dtype=torch.float) / torch.tensor(forwards, dtype=torch.float)
+    torch.testing.assert_close(out.tokens_per_forward.float(), expected_tpf)
+    for r in range(batch):
+        assert all(1 <= a <= block_size for a in cycles[r]), cycles[r]
+    if mode == "linear_spec":
+        for r in range(batch):
+            assert new[r] == 1 + sum(cycles[r]), (r, new[r], cycles[r])
+        # Replay the lockstep loop to know each cycle's block size.
+        draft_slots = []
+        for k in range(max((len(c) for c in cycles), default=0)):
+            live = [r for r in range(batch) if len(cycles[r]) > k]
+            remaining = max(max_new - 1 - sum(cycles[r][:k]) for r in live)
+            draft_slots.append(min(block_size, remaining) - 1)
+        for r in range(batch):
+            verify = len(cycles[r])
+            own = draft_slots[:verify]
+            for k, a in enumerate(cycles[r]):
+                assert a <= own[k] + 1, (r, k, a, own[k])
+            if threshold is None:
+                assert forwards[r] == 1 + verify + sum(1 for s in own if s > 0), (r, forwards[r], cycles[r])
+            else:
+                low = 1 + verify + sum(1 for s in own if s > 0)
+                high = 1 + verify + sum(own)
+                assert low <= forwards[r] <= high, (r, forwards[r], low, high)
+    else:
+        for r in range(batch):
+            assert forwards[r] == 1 + len(cycles[r]), (r, forwards[r], cycles[r])
+            gap = new[r] - sum(cycles[r])
+            assert gap in (0, 1), (r, new[r], cycles[r])
+            if gap == 1:
+                assert new[r] == max_new, (r, new[r], cycles[r])
+    return new, cycles
+
+
+def assert_lossless(model, ids, mask, mode, max_new, block_size=None, threshold=None, eos=None, check=True, **kwargs):
+    eos_kw = dict(eos_token_id=eos)
+    ar = generate(model, ids, mask, "ar", max_new_tokens=max_new, **eos_kw, **kwargs)
+    spec_kwargs = dict(max_new_tokens=max_new, **eos_kw, **kwargs)
+    if block_size is not None:
+        spec_kwargs["block_size"] = block_size
+    if threshold is not None:
+        spec_kwargs["confidence_threshold"] = threshold
+    out = generate(model, ids, mask, mode, **spec_kwargs)
+    assert torch.equal(out.sequences, ar.sequences), (
+        f"{mode} != greedy AR\nspec {out.sequences[:, ids.shape[1]:].tolist()}\nar   {ar.sequences[:, ids.shape[1]:].tolist()}"
+    )
+    if check:
+        default_block = {"linear_spec": 32, "quadratic_spec": 16}[mode]
+        eos_list = None if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        check_counters(out, ids.shape[1], mode, max_new, block_size or default_block, threshold, eos_list)
+    return out, ar
+
+
+# --------------------------------------------------------------------------------- 1. property-based lossless
+@st.composite
+def spec_cases(draw, mode):
+    model_index = draw(st.integers(0, len(_POOL_SPECS) - 1))
+    batch = draw(st.sampled_from([1, 1, 1, 2, 2, 3, 4, 5, 8]))
+    lengths = draw(st.lists(st.integers(1, 9), min_size=batch, max_size=batch))
+    if mode == "linear_spec":
+        block_size = draw(st.sampled_from([2, 3, 4, 5, 7, 8, 8, 11, 16, 23, 32]))
+        threshold = draw(st.sampled_from([None, None, 0.3, 0.9]))
+    else:
+        block_size = draw(st.sampled_from([2, 3, 4, 5, 6, 8, 8, 11, 16] if batch <= 3 else [2, 3, 4, 5, 8]))
+        threshold = None
+    return dict(
+        model_index=model_index,
+        lengths=lengths,
+        extra_pad=draw(st.sampled_from([0, 0, 0, 2])),
+        prompt_seed=draw(st.integers(0, 2**20)),
+        block_size=block_size,
+        threshold=threshold,
+        max_new=draw(st.integers(1, 20)),
+        eos=draw(st.sampled_from(["none", "none", "config", "mid", "mid"])),
+        eos_row=draw(st.integers(0, 7)),
+        eos_index=draw(st.integers(0, 6)),
+    )
+
+
+def run_case(mode, case):
+    model = pool()[case["model_index"]]
+    vocab = model.config.vocab_size
+    ids, mask = random_batch(case["prompt_seed"], case["lengths"], vocab, case["extra_pad"])
+    max_new = case["max_new"]
+    eos = None
+    if case["eos"] == "config":
+        eos = model.config.eos_token_id
+    elif case["eos"] == "mid":
+        # A token the model emits mid-generation (e.g. the 5th AR token of some row) becomes EOS.
+        free = generate(model, ids, mask, "ar", max_new_tokens=max_new, eos_token_id=None).sequences[:, ids.shape[1]:]
+        row = case["eos_row"] % free.shape[0]
+        eos = int(free[row, min(case["eos_index"], free.shape[1] - 1)])
+    assert_lossless(model, ids, mask, mode, max_new, case["block_size"], case["threshold"], eos)
+
+
+_HYPOTHESIS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+
+
+@settings(max_examples=320, **_HYPOTHESIS)
+@given(case=spec_cases("linear_spec"))
+def test_linear_spec_equals_greedy_ar(case):
+    run_case("linear_spec", case)
+
+
+@settings(max_examples=200, **_HYPOTHESIS)
+@given(case=spec_cases("quadratic_spec"))
+def test_quadratic_spec_equals_greedy_ar(case):
+    run_case("quadratic_spec", case)
+
+
+@pytest.mark.parametrize("mode", SPEC_MODES)
+@pytest.mark.parametrize("block_size", [2, 32])
+def test_large_and_minimal_blocks_with_a_padded_batch(mode, block_size):
+    model = pool()[6]
+    ids, mask = random_batch(7, [3, 9, 1, 5], model.config.vocab_size)
+    for max_new in (1, 2, 33):
+        assert_lossless(model, ids, mask, mode, max_new, block_size, eos=None)
+
+
+def test_chain_models_accept_drafts_often():
+    """The accepting construction works: mean acceptance > 2 at block 8, and single, partial and full-block
+    acceptances all occur, in both modes."""
+    ids, mask = random_batch(11, [4, 6, 2, 7, 5, 3], 32)
+    for mode in SPEC_MODES:
+        seen = []
+        for seed, eps in [(1, 0.0), (3, 0.06), (6, 0.03)]:
+            model, _, _ = chain_model(seed, vocab=32, eps=eps)
+            out, _ = assert_lossless(model, ids, mask, mode, 40, 8, eos=None)
+            lengths = [a for row in cycles_of(out) for a in row]
+            assert sum(lengths) / len(lengths) > 2, (mode, seed, lengths)
+            seen += lengths
+        assert 1 in seen and 8 in seen and any(1 < a < 8 for a in seen), seen
+
+
+def test_random_small_vocab_models_get_lucky_acceptances():
+    """The random models of the pool are not trivial either: some drafts are accepted."""
+    ids, mask = random_batch(5, [4, 6, 2, 7], 16)
+    out, _ = assert_lossless(pool()[0], ids, mask, "linear_spec", 30, 4, eos=None)
+    assert max(a for row in cycles_of(out) for a in row) > 1
+
+
+# ---------------------------------------------------------------------------------------------------- 2. edges
+@pytest.mark.parametrize("mode", SPEC_MODES)
+@pytest.mark.parametrize("block_size", [None, 4, 8])
+@pytest.mark.parametrize("max_new", [1, 2, 3, 5, 7, 8, 9, 13, 17])
+def test_never_more_than_max_new_tokens(mode, block_size, max_new):
+    """Budgets smaller than, equal to and not multiples of the block; with an accepting model a whole accepted block
+    would overshoot."""
+    model, _, _ = chain_model(1, vocab=32, eps=0.0)
+    ids, mask = random_batch(3, [5, 2, 8], 32)
+    out, _ = assert_lossless(model, ids, mask, mode, max_new, block_size, eos=None)
+    assert out.sequences.shape[1] == ids.shape[1] + max_new
+    assert not (out.sequences[:, ids.shape[1]:] == model.config.mask_token_id).any()
+
+
+@pytest.mark.parametrize("mode", SPEC_MODES)
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_eos_inside_an_accepted_chunk_cuts_there(mode, threshold):
+    """Chain model at eps = 0: a prompt ending in a token x with f(x) = a gives the seed a, and the next cycle
+    accepts a whole block of a's. With EOS = a the first accepted a must end the row, inside the chunk."""
+    if mode == "quadratic_spec" and threshold is not None:
+        pytest.skip("QuadraticSpec has no threshold")
+    model, f, a = chain_model(1, vocab=32, eps=0.0)
+    direct = [x for x in range(3, 31) if int(f[x]) == a and x != a]
+    indirect = [x for x in range(3, 31) if int(f[x]) != a and int(f[f[x]]) == a]
+    assert direct and indirect
+    ids, mask = left_pad([[5, 7, direct[0]], [indirect[0]], [9, indirect[-1], 4, direct[-1]]])
+    # Free run: a, a, a, ... accepted in full blocks.
+    out, _ = assert_lossless(model, ids, mask, mode, 20, 8, threshold, eos=None)
+    assert max(a_ for row in cycles_of(out) for a_ in row) == 8
+    # With EOS = a every row stops at its first a; a different stop token inside the run works the same.
+    out, ar = assert_lossless(model, ids, mask, mode, 20, 8, threshold, eos=a)
+    for row in ar.sequences[:, ids.shape[1]:].tolist():
+        assert a in row and row.index(a) < 3
+    assert_lossless(model, ids, mask, mode, 20, 8, threshold, eos=[17, a])
+
+
+class StopAfterRepeats(StoppingCriteria):
+    """Stops a row once `token` has been generated `count` times: fires in the middle of an accepted run."""
+
+    def __init__(self, token, count, prompt_width):
+        self.token, self.count, self.prompt_width = token, count, prompt_width
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return (input_ids[:, self.prompt_width:] == self.token).sum(dim=1) >= self.count
+
+
+@pytest.mark.parametrize("mode", SPEC_MODES)
+@pytest.mark.parametrize("count", [1, 3, 6])
+def test_custom_stopping_criteria_cut_inside_an_accepted_chunk(mode, count):
+    model, f, a = chain_model(1, vocab=32, eps=0.0)
+    ids, mask = random_batch(4, [4, 2, 6], 32)
+    criteria = StoppingCriteriaList([StopAfterRepeats(a, count, ids.shape[1])])
+    ar = generate(model, ids, mask, "ar", max_new_tokens=24, eos_token_id=None, stopping_criteria=criteria)
+    out = generate(model, ids, mask, mode, max_new_tokens=24, block_size=8, eos_token_id=None, stopping_criteria=criteria)
+    assert torch.equal(out.sequences, ar.sequences)
+    new = out.sequences[:, ids.shape[1]:]
+    assert ((new == a).sum(dim=1) == count).all()
+    # A row stops at the token that fired, and everything after it is padding.
+    for row in new.tolist():
+        last = max(i for i, t in enumerate(row) if t == a)
+        assert all(t == model.config.pad_token_id for t in row[last + 1:])
+    assert max(x for row in cycles_of(out) for x in row) > 1
+
+
+def _char_tokenizer(vocab):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    tokens = {alphabet[i]: i for i in range(vocab)}
+    backend = Tokenizer(models.WordLevel(tokens, unk_token="a"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend), alphabet
+
+
+@pytest.mark.parametrize("mode", SPEC_MODES)
+def test_stop_strings_inside_an_accepted_chunk(mode):
+    model, f, a = chain_model(1, vocab=32, eps=0.0)
+    tokenizer, alphabet = _char_tokenizer(32)
+    ids, mask = random_batch(4, [4, 2, 6], 32)
+    stop = alphabet[a] * 3
+    kwargs = dict(max_new_tokens=24, eos_token_id=None, stop_strings=[stop], tokenizer=tokenizer)
+    ar = generate(model, ids, mask, "ar", **kwargs)
+    out = generate(model, ids, mask, mode, block_size=8, **kwargs)
+    assert torch.equal(out.sequences, ar.sequences)
+    for row in out.sequences[:, ids.shape[1]:].tolist():
+        text = "".join(alphabet[t] for t in row)
+        assert stop in text
+
+
+class RecordingStreamer(BaseStreamer):
+    def __init__(self):
+        self.puts, self.ends = [], 0
+
+    def put(self, value):
+        assert self.ends == 0
+        self.puts.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ends += 1
+
+
+@pytest.mark.parametrize("mode", SPEC_MODES)
+@pytest.mark.parametrize("model_index,eos", [(5, None), (8, None), (2, 2), (6, "mid")])
+def test_streamer_receives_accepted_chunks_in_order(mode, model_index, eos):
+    model = pool()[model_index]
+    ids, mask = random_batch(21, [6], model.config.vocab_size)
+    if eos == "mid":
+        eos = int(generate(model, ids, mask, "ar", max_new_tokens=9, eos_token_id=None).sequences[0, -1])
+    ar_streamer, streamer = RecordingStreamer(), RecordingStreamer()
+    ar = generate(model, ids, mask, "ar", max_new_tokens=30, eos_token_id=eos, streamer=ar_streamer)
+    out = generate(model, ids, mask, mode, max_new_tokens=30, block_size=6, eos_token_id=eos, streamer=streamer)
+    assert torch.equal(out.sequences, ar.sequences)
+    assert streamer.ends == 1
+    assert streamer.puts[0] == ids[0].tolist(), "the prompt is put first, as in AR"
+    new = out.sequences[0, ids.shape[1]:].tolist()
+    chunks = streamer.puts[1:]
+    assert sum(chunks, []) == new == sum(ar_streamer.puts[1:], [])
+    assert all(chunks), "no empty puts"
+    cycles = cycles_of(out)[0]
+    if mode == "linear_spec":
+        assert [len(c) for c in chunks] == [1] + cycles  # the prefill's seed, then one chunk per cycle
+    else:
+        assert [len(c) for c in chunks][: len(cycles)] == cycles
+        assert len(chunks) - len(cycles) in (0, 1)
+
+
+def test_streamer_with_a_batch_is_refused():
+    model = pool()[0]
+    ids, mask = random_batch(1, [3, 4], 16)
+    for mode in SPEC_MODES:
+        with pytest.raises(ValueError):
+            generate(model, ids, mask, mode, max_new_tokens=4, streamer=RecordingStreamer())
+
+
+@pytest.mark.parametrize("mode", SPEC_MODES)
+def test_mask_token_is_emitted_only_where_ar_emits_it(mode):
+    """Drafts never propose the mask token, but a verified AR token may be the mask id; rows that finish early are
+    padded with the pad token, never with a mask placeholder."""
+    model, f, a = chain_model(2, vocab=24, eps=0.0)
+    mask_id = model.config.mask_token_id
+    b = next(x for x in range(3, 23) if x != a)
+    with torch.no_grad():  # route b -> mask -> a: greedy AR emits the mask id once
+        head = model.diffusion_head.weight
+        head[:, b] = 0.0
+        head[mask_id, b] = 1.0
+    ids, mask = left_pad([[4, 5, b], [6], [b, 7, 8, 9]])
+    out, ar = assert_lossless(model, ids, mask, mode, 12, 4, eos=None)
+    assert (ar.sequences[:, ids.shape[1]:] == mask_id).any()
+    # Early-finishing rows: EOS = a ends them at different times.
+    out, ar = assert_lossless(model, ids, mask, mode, 12, 4, eos=a)
+    new = out.sequences[:, ids.shape[1]:]
+    assert ((new == mask_id).sum(dim=1) == (ar.sequences[:, ids.shape[1]:] == mask_id).sum(dim=1)).all()
+
+
+def _snapshot(model):
+    return dict(
+        params={k: (v.detach().clone(), v.requires_grad) for k, v in model.named_parameters()},
+        buffers={k: v.detach().clone() for k, v in model.named_buffers()},
+        modules={n: (type(m), m.training, getattr(m, "is_causal", None)) for n, m in model.named_modules()},
+        config=model.config.to_dict(),
+        generation_config=model.generation_config.to_dict(),
+        attn=model.config._attn_implementation,
+        grad=torch.is_grad_enabled(),
+    )
+
+
+def _assert_same_snapshot(before, after):
+    assert before["params"].keys() == after["params"].keys()
+    for k, (v, grad) in before["params"].items():
+        assert torch.equal(v, after["params"][k][0]) and grad == after["params"][k][1], k
+    for k, v in before["buffers"].items():
+        assert torch.equal(v, after["buffers"][k]), k
+    for key in ("modules", "config", "generation_config", "attn", "grad"):
+        assert before[key] == after[key], key
+
+
+@pytest.mark.parametrize("mode,threshold", [("linear_spec", None), ("linear_spec", 0.5), ("quadratic_spec", None)])
+def test_model_state_and_caller_tensors_unchanged(mode, threshold):
+    model = pool()[7]
+    ids, mask = random_batch(9, [5, 2, 7], model.config.vocab_size)
+    ids_copy, mask_copy = ids.clone(), mask.clone()
+    config = GenerationConfig(max_new_tokens=15, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
+    config_copy = config.to_dict()
+    logits_before = model(ids, attention_mask=mask).logits
+    before = _snapshot(model)
+    extra = {} if threshold is None else {"confidence_threshold": threshold}
+    with torch.no_grad():
+        first = model.generate(ids, attention_mask=mask, generation_config=config, decode_mode=mode, block_size=4, **extra)
+    _assert_same_snapshot(before, _snapshot(model))
+    assert torch.equal(ids, ids_copy) and torch.equal(mask, mask_copy)
+    assert config.to_dict() == config_copy
+    assert torch.equal(model(ids, attention_mask=mask).logits, logits_before)
+    # A second call gives the same result (nothing carried over), and grad mode is restored outside no_grad too.
+    second = model.generate(ids, attention_mask=mask, generation_config=config, decode_mode=mode, block_size=4, **extra)
+    assert torch.is_grad_enabled()
+    assert torch.equal(first.sequences, second.sequences)
+    assert torch.equal(first.num_forwards, second.num_forwards)
+    _assert_same_snapshot(before, _snapshot(model))
+
+
+@pytest.mark.parametrize("mode", SPEC_MODES)
+def test_training_mode_model(mode):
+    """A model left in training mode generates the same tokens (no dropout configured) and stays in training mode."""
+    model = copy.deepcopy(pool()[4]).train()
+    ids, mask = random_batch(2, [4, 6], model.config.vocab_size)
+    out = generate(model, ids, mask, mode, max_new_tokens=10, block_size=4, eos_token_id=None)
+    assert model.training and all(m.training for m in model.modules())
+    ar = generate(model.eval(), ids, mask, "ar", max_new_tokens=10, eos_token_id=None)
+    assert torch.equal(out.sequences, ar.sequences)
+
+
+@pytest.mark.parametrize("mode", SPEC_MODES)
+def test_counters_simple_cases(mode):
+    model, f, a = chain_model(1, vocab=32, eps=0.0)
+    ids, mask = random_batch(3, [5], 32)
+    # Budget 1: the prefill (or bootstrap) alone.
+    out = generate(model, ids, mask, mode, max_new_tokens=1, block_size=4, eos_token_id=None)
+    assert out.num_forwards.tolist() == [1]
+    assert out.tokens_per_forward.tolist() == [1.0]
+    assert out.acceptance_lengths is None or not out.acceptance_lengths.any()
+    # Once the chain sits on a, every cycle emits a whole block of 4.
+    out, ar = assert_lossless(model, ids, mask, mode, 41, 4, eos=None)
+    cycles = cycles_of(out)[0]
+    assert cycles[-3:] == [4, 4, 4]
+    if mode == "linear_spec":
+        assert sum(cycles) == 40 and out.num_forwards.item() == 1 + 2 * len(cycles)
+    else:
+        assert sum(cycles) in (40, 41) and out.num_forwards.item() == 1 + len(cycles)
+    assert out.tokens_per_forward.item() == pytest.approx(41 / out.num_forwards.item())
+
+
+@pytest.mark.parametrize("mode", SPEC_MODES)
+def test_counters_with_rows_finishing_at_different_times(mode):
+    model = pool()[8]
+    ids, mask = random_batch(13, [3, 8, 5, 1, 6], model.config.vocab_size)
+    free = generate(model, ids, mask, "ar", max_new_tokens=16, eos_token_id=None).sequences[:, ids.shape[1]:]
+    eos = int(free[1, 4])
+    out, ar = assert_lossless(model, ids, mask, mode, 16, 5, eos=eos)
+    new = new_counts(out.sequences, ids.shape[1], 16, [eos])
+    assert len(set(new)) > 1, "rows should finish at different times"
+    # Rows stop counting forwards when they finish: a row that finished earlier took part in fewer forwards.
+    forwards = out.num_forwards.tolist()
+    for r in range(5):
+        for s in range(5):
+            if new[r] < new[s]:
+                assert forwards[r] <= forwards[s], (new, forwards)
+    if mode == "linear_spec":
+        for r in range(5):
+            if new[r] == 1:  # stopped at the prefill's seed
+                assert forwards[r] == 1 and cycles_of(out)[r] == []
+
+
+def test_threshold_drafting_takes_several_forwards():
+    """With a high confidence threshold a random model needs several draft forwards per cycle."""
+    model = pool()[2]
+    ids, mask = random_batch(17, [6, 3], model.config.vocab_size)
+    none, _ = assert_lossless(model, ids, mask, "linear_spec", 20, 8, None, eos=None)
+    high, _ = assert_lossless(model, ids, mask, "linear_spec", 20, 8, 0.99, eos=None)
+    cycles = cycles_of(high)
+    assert (high.num_forwards > torch.tensor([1 + 2 * len(c) for c in cycles])).all()
+
+
+# ------------------------------------------------------------------------------------------ processors, batch
+@pytest.mark.parametrize("mode,threshold", [("linear_spec", None), ("linear_spec", 0.5), ("quadratic_spec", None)])
+@pytest.mark.parametrize(
+    "processors",
+    [
+        dict(repetition_penalty=1.5),
+        dict(no_repeat_ngram_size=2),
+        dict(min_new_tokens=6),
+        dict(repetition_penalty=0.7, sequence_bias={(5,): 2.0, (7, 9): 3.0}),
+        dict(suppress_tokens=[3, 4, 5], begin_suppress_tokens=[6]),
+    ],
+)
+def test_processors_see_the_exact_prefix(mode, threshold, processors):
+    """Prefix-dependent processors (penalties, n-gram bans, min length on EOS) are applied per verify position with
+    the exact prefix: greedy spec == greedy AR with the same processors."""
+    model, f, a = chain_model(3, vocab=32, eps=0.06)
+    ids, mask = random_batch(31, [4, 7], 32)
+    eos = a if "min_new_tokens" in processors else None
+    assert_lossless(model, ids, mask, mode, 14, 4, threshold, eos=eos, **processors)
+
+
+@pytest.mark.parametrize("mode,threshold", [("linear_spec", None), ("linear_spec", 0.3), ("quadratic_spec", None)])
+@pytest.mark.parametrize("model_index", [1, 5, 8])
+def test_batch_rows_equal_rows_alone(mode, threshold, model_index):
+    model = pool()[model_index]
+    vocab = model.config.vocab_size
+    lengths = [7, 2, 5, 1, 9, 4]
+    ids, mask = random_batch(40 + model_index, lengths, vocab)
+    free = generate(model, ids, mask, "ar", max_new_tokens=18, eos_token_id=None).sequences[:, ids.shape[1]:]
+    eos = int(free[2, 5])
+    kwargs = dict(max_new_tokens=18, block_size=6, eos_token_id=eos)
+    if threshold is not None:
+        kwargs["confidence_threshold"] = threshold
+    batched = generate(model, ids, mask, mode, **kwargs)
+    width = ids.shape[1]
+    for r, n in enumerate(lengths):
+        alone = generate(model, ids[r:r + 1, width - n:], mask[r:r + 1, width - n:], mode, **kwargs)
+        row = batched.sequences[r, width:].tolist()
+        single = alone.sequences[0, n:].tolist()
+        assert row[: len(single)] == single and all(t == model.config.pad_token_id for t in row[len(single):]), r
+
+
+# ------------------------------------------------------------------------------------------------ 4. LoRA drafter
+peft = pytest.importorskip("peft")
+
+
+def lora_config(r=4, seed=0, **kwargs):
+    return peft.LoraConfig(r=r, lora_alpha=4 * r, lora_dropout=0.0, target_modules=["o_proj"], init_lora_weights=False, **kwargs)
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if hasattr(m, "_disable_adapters") and hasattr(m, "_active_adapter")]
+
+
+def lora_state(model):
+    return [(layer._disable_adapters, list(layer.active_adapters), layer.merged) for layer in lora_layers(model)]
+
+
+class ForwardLog:
+    """Records, for every backbone forward, whether it was a draft (bidirectional, no custom mask), the state of
+    the LoRA layers during it, the adapters whose lora_A ran, and its output."""
+
+    def __init__(self, model):
+        self.calls = []
+        self.handles = [
+            model.encoder.register_forward_pre_hook(self._pre, with_kwargs=True),
+            model.encoder.register_forward_hook(self._post),
+        ]
+        for layer in lora_layers(model):
+            for name, module in layer.lora_A.items():
+                self.handles.append(module.register_forward_hook(self._adapter_hook(name)))
+
+    def _pre(self, module, args, kwargs):
+        draft = not kwargs.get("is_causal", True) and kwargs.get("mask_function") is None
+        self.calls.append(dict(draft=draft, ran=set()))
+
+    def _adapter_hook(self, name):
+        def hook(module, args, output):
+            self.calls[-1]["ran"].add(name)
+
+        return hook
+
+    def _post(self, module, args, output):
+        self.calls[-1]["hidden"] = output.last_hidden_state.detach().clone()
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _lora_prompt():
+    return random_batch(77, [5, 3], 32)
+
+
+def _with_lora(wrapper, names=("drafter",), seed=0):
+    """Chain model + LoRA(s) on o_proj: via get_peft_model (PeftModel wrapper), inject_adapter_in_model or
+    model.add_adapter (no wrapper). Returns (base copy, inner model, object to call generate on)."""
+    model, _, _ = chain_model(3, vocab=32, eps=0.06)
+    base = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    if wrapper == "get_peft_model":
+        outer = peft.get_peft_model(model, lora_config(), adapter_name=names[0])
+        for name in names[1:]:
+            outer.add_adapter(name, lora_config(r=8))
+        outer.eval()
+    elif wrapper == "inject":
+        for i, name in enumerate(names):
+            peft.inject_adapter_in_model(lora_config(r=4 if i == 0 else 8), model, adapter_name=name)
+        for layer in lora_layers(model):
+            layer.set_adapter(names[0])
+        outer = model
+    else:
+        for i, name in enumerate(names):
+            model.add_adapter(lora_config(r=4 if i == 0 else 8), adapter_name=name)
+        model.set_adapter(names[0])
+        outer = model
+    assert lora_layers(model)
+    return base, model, outer
+
+
+def _gen(outer, ids, mask, mode, **kwargs):
+    kwargs.setdefault("do_sample", False)
+    with torch.no_grad():
+        return outer.generate(input_ids=ids, attention_mask=mask, decode_mode=mode, return_dict_in_generate=True, **kwargs)
+
+
+WRAPPERS = ["get_peft_model", "inject", "add_adapter"]
+
+
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_lora_changes_drafts_only(wrapper):
+    """(a) Draft forwards run with the adapter (their hidden states differ from the base model's), every causal
+    forward runs with base weights (identical hidden states), and the acceptance changes."""
+    base, model, outer = _with_lora(wrapper)
+    ids, mask = _lora_prompt()
+    kwargs = dict(max_new_tokens=16, block_size=6, eos_token_id=None)
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, base(ids).logits), "the LoRA must change the model's outputs"
+    log_lora, log_base = ForwardLog(model), ForwardLog(base)
+    try:
+        with_lora = _gen(outer, ids, mask, "linear_spec", **kwargs)
+        without = _gen(base, ids, mask, "linear_spec", **kwargs)
+    finally:
+        log_lora.remove()
+        log_base.remove()
+    assert torch.equal(with_lora.sequences, without.sequences)
+    drafts = [c for c in log_lora.calls if c["draft"]]
+    causal = [c for c in log_lora.calls if not c["draft"]]
+    assert drafts and causal
+    assert all(c["ran"] == {"drafter"} for c in drafts)
+    assert all(not c["ran"] for c in causal)
+    # The first draft forward and the prefill see the same inputs in both runs.
+    first_draft = next(i for i, c in enumerate(log_lora.calls) if c["draft"])
+    assert not torch.allclose(log_lora.calls[first_draft]["hidden"], log_base.calls[first_draft]["hidden"])
+    torch.testing.assert_close(log_lora.calls[0]["hidden"], log_base.calls[0]["hidden"], rtol=0, atol=0)
+    assert not torch.equal(with_lora.acceptance_lengths, without.acceptance_lengths) or not torch.equal(
+        with_lora.num_forwards, without.num_forwards
+    )
+
+
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_lora_output_equals_base_ar_in_every_mode(wrapper):
+    """(b) At temperature 0 every mode of the adapter-carrying model equals greedy AR of the base model (diffusion:
+    equals diffusion of the base model, its own decoder)."""
+    base, model, outer = _with_lora(wrapper)
+    ids, mask = _lora_prompt()
+    kwargs = dict(max_new_tokens=14, eos_token_id=None)
+    reference = _gen(base, ids, mask, "ar", **kwargs).sequences
+    for mode, extra in [
+        ("ar", {}),
+        ("linear_spec", dict(block_size=5)),
+        ("linear_spec", dict(block_size=8, confidence_threshold=0.6)),
+        ("quadratic_spec", dict(block_size=5)),
+    ]:
+        out = _gen(outer, ids, mask, mode, **kwargs, **extra)
+        assert torch.equal(out.sequences, reference), (wrapper, mode, extra)
+    diffusion = dict(block_size=4, confidence_threshold=0.9)
+    assert torch.equal(
+        _gen(outer, ids, mask, "diffusion", **kwargs, **diffusion).sequences,
+        _gen(base, ids, mask, "diffusion", **kwargs, **diffusion).sequences,
+    )
+
+
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+@pytest.mark.parametrize("enabled_before", [True, False])
+@pytest.mark.parametrize("mode", ["linear_spec", "quadratic_spec", "ar"])
+def test_lora_state_restored(wrapper, enabled_before, mode):
+    """(c) Enabled/disabled state, active adapter and merge state are exactly as before the call."""
+    base, model, outer = _with_lora(wrapper, names=("drafter", "other"))
+    ids, mask = _lora_prompt()
+    if not enabled_before:
+        if wrapper == "get_peft_model":
+            outer.base_model.disable_adapter_layers()
+        elif wrapper == "inject":
+            for layer in lora_layers(model):
+                layer.enable_adapters(False)
+        else:
+            model.disable_adapters()
+    before = lora_state(model)
+    assert all(disabled == (not enabled_before) for disabled, _, _ in before)
+    assert all(active == ["drafter"] for _, active, _ in before)
+    with torch.no_grad():
+        logits_before = model(ids, attention_mask=mask).logits
+    out = _gen(outer, ids, mask, mode, max_new_tokens=10, block_size=4, eos_token_id=None)
+    assert lora_state(model) == before
+    if wrapper == "get_peft_model":
+        assert outer.active_adapter == "drafter"
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=mask).logits, logits_before)
+    assert torch.equal(out.sequences, _gen(base, ids, mask, "ar", max_new_tokens=10, eos_token_id=None).sequences)
+
+
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_lora_state_restored_after_an_exception(wrapper):
+    base, model, outer = _with_lora(wrapper)
+    ids, mask = _lora_prompt()
+
+    class Boom(StoppingCriteria):
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.calls += 1
+            if self.calls > 4:
+                raise RuntimeError("boom")
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    before = lora_state(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        _gen(outer, ids, mask, "linear_spec", max_new_tokens=20, block_size=4, stopping_criteria=StoppingCriteriaList([Boom()]))
+    assert lora_state(model) == before
+    assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_drafter_adapter_selects_the_adapter(wrapper):
+    """(d) drafter_adapter picks which adapter drafts; None drafts with the active one; an unknown name raises."""
+    base, model, outer = _with_lora(wrapper, names=("one", "two"))
+    ids, mask = _lora_prompt()
+    kwargs = dict(max_new_tokens=12, block_size=5, eos_token_id=None)
+    reference = _gen(base, ids, mask, "ar", **kwargs).sequences
+    results = {}
+    for choice, expected in [("two", {"two"}), ("one", {"one"}), (None, {"one"})]:
+        log = ForwardLog(model)
+        try:
+            out = _gen(outer, ids, mask, "linear_spec", drafter_adapter=choice, **kwargs)
+        finally:
+            log.remove()
+        assert torch.equal(out.sequences, reference)
+        assert all(c["ran"] == expected for c in log.calls if c["draft"]), (choice, [c["ran"] for c in log.calls])
+        assert all(not c["ran"] for c in log.calls if not c["draft"])
+        assert all(active == ["one"] for _, active, _ in lora_state(model))
+        results[choice] = [c["hidden"] for c in log.calls if c["draft"]][0]
+    assert not torch.allclose(results["one"], results["two"])
+    torch.testing.assert_close(results["one"], results[None], rtol=0, atol=0)
+    before = lora_state(model)
+    with pytest.raises(ValueError, match="drafter_adapter"):
+        _gen(outer, ids, mask, "linear_spec", drafter_adapter="three", **kwargs)
+    assert lora_state(model) == before
+    # Also through a GenerationConfig.
+    config = GenerationConfig(max_new_tokens=12, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
+    config.drafter_adapter = "two"
+    config.block_size = 5
+    log = ForwardLog(model)
+    try:
+        with torch.no_grad():
+            out = outer.generate(input_ids=ids, attention_mask=mask, generation_config=config, decode_mode="linear_spec")
+    finally:
+        log.remove()
+    assert torch.equal(out.sequences, reference)
+    assert all(c["ran"] == {"two"} for c in log.calls if c["draft"])
+
+
+@pytest.mark.parametrize("wrapper", ["get_peft_model", "add_adapter"])
+@pytest.mark.parametrize("mode", ["linear_spec", "quadratic_spec", "ar"])
+def test_merged_adapter_is_refused(wrapper, mode):
+    """(e) A merged adapter would make every causal forward run with adapter weights."""
+    base, model, outer = _with_lora(wrapper)
+    ids, mask = _lora_prompt()
+    for layer in lora_layers(model):
+        layer.merge()
+    with pytest.raises(ValueError, match="merged"):
+        _gen(outer, ids, mask, mode, max_new_tokens=6, block_size=4, eos_token_id=None)
+    for layer in lora_layers(model):
+        layer.unmerge()
+    out = _gen(outer, ids, mask, mode, max_new_tokens=6, block_size=4, eos_token_id=None)
+    assert torch.equal(out.sequences, _gen(base, ids, mask, "ar", max_new_tokens=6, eos_token_id=None).sequences)
