@@ -848,7 +848,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
                 use_cache=True,
                 is_causal=False,
                 update_cache=True,
-                mask_function=_quadratic_mask_function(start, block_size),
+                mask_function=_quadratic_mask_function(start, block_size, device),
             )
             rows.count_forward()
             hidden = out.last_hidden_state.reshape(rows.size, block_size, row_len, -1)
@@ -1007,19 +1007,26 @@ def _left_to_right_commits(max_prob, masked, threshold):
     return masked & (index >= first[:, None]) & run
 
 
-def _quadratic_mask_function(start, block_size):
-    """Attention of the QuadraticSpec chunk (slots start.. of B rows x (B+1)) over the cache and itself."""
+def _quadratic_mask_function(start, block_size, device):
+    """Attention of the QuadraticSpec chunk (slots start.. of B rows x (B+1)) over the cache and itself.
+
+    Row and offset of each chunk slot come from lookup tables rather than `//` and `%`, which the CPU code
+    generator of compiled FlexAttention cannot handle (torch 2.13)."""
     row_len = block_size + 1
+    local = torch.arange(block_size * row_len, device=device)
+    row_of, offset_of = local // row_len, local % row_len
+    last = local.numel() - 1
 
     def mask(batch_idx, head_idx, q_idx, kv_idx):
-        q_local, kv_local = q_idx - start, kv_idx - start
-        q_row, q_off = q_local // row_len, q_local % row_len
-        kv_row, kv_off = kv_local // row_len, kv_local % row_len
+        q_local = (q_idx - start).clamp(0, last)
+        kv_local = kv_idx - start
         in_chunk = kv_local >= 0
-        prefix = ~in_chunk
+        kv_local = kv_local.clamp(0, last)
+        q_row, q_off = row_of[q_local], offset_of[q_local]
+        kv_row, kv_off = row_of[kv_local], offset_of[kv_local]
         draft_key = in_chunk & (kv_off == 0) & (kv_row <= q_row)
         own_row_masks = in_chunk & (q_off > 0) & (kv_off > 0) & (kv_row == q_row)
-        return prefix | draft_key | own_row_masks
+        return ~in_chunk | draft_key | own_row_masks
 
     return mask
 

@@ -13,6 +13,7 @@ Logit semantics depend on the mode: a causal position predicts the *next* token,
 the token *at* that position (a mask slot predicts its own token).
 """
 
+import contextlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from transformers.models.ministral3.modeling_ministral3 import (
     Ministral3RMSNorm,
     Ministral3RotaryEmbedding,
 )
+from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_nemotron_diffusion import NemotronDiffusionConfig
@@ -117,9 +119,46 @@ class NemotronDiffusionPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_record_outputs = {"hidden_states": Ministral3DecoderLayer, "attentions": Ministral3Attention}
 
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        # No request (or "auto"): the best backend installed, see `preferred_attn_implementation`. An explicit
+        # request, from `from_pretrained(attn_implementation=...)` or a config.json (NVIDIA's pins "sdpa"), wins.
+        if requested_attention in (None, "auto"):
+            requested_attention = preferred_attn_implementation()
+        return super().get_correct_attn_implementation(requested_attention, is_init_check)
+
 
 def _attention_interface_is_flash(config) -> bool:
     return config._attn_implementation in _FLASH_IMPLEMENTATIONS
+
+
+def preferred_attn_implementation() -> str:
+    """The attention backend chosen when none is requested (or `"auto"` is): FlashAttention-3 on Hopper when its
+    kernels are importable, FlashAttention-2 when `flash_attn` is, otherwise sdpa (whose own flash and cuDNN kernels
+    run on recent GPUs, and which falls back to eager where it cannot run)."""
+    if torch.cuda.is_available():
+        major, _ = torch.cuda.get_device_capability()
+        if major == 9 and is_flash_attn_3_available():
+            return "flash_attention_3"
+        if is_flash_attn_2_available():
+            return "flash_attention_2"
+    return "sdpa"
+
+
+@contextlib.contextmanager
+def _backend_for_custom_masks(config, needs_custom_mask: bool):
+    """FlashAttention kernels take a causal flag and padding only. A call whose attention pattern they cannot
+    express (QuadraticSpec, block-diffusion training) runs on sdpa instead, for that call only: the configured
+    backend is restored on exit. (transformers reads the backend from the config inside each attention layer, so
+    the switch is made there; like transformers' own per-call `is_causal`, it is not safe across threads.)"""
+    if not (needs_custom_mask and _attention_interface_is_flash(config)):
+        yield
+        return
+    configured = config._attn_implementation
+    config._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        config._attn_implementation = configured
 
 
 class NemotronDiffusionModel(NemotronDiffusionPreTrainedModel):
@@ -192,13 +231,18 @@ class NemotronDiffusionModel(NemotronDiffusionPreTrainedModel):
             position_ids = position_ids.unsqueeze(0)
 
         layer_cache = cache if (cache is None or update_cache) else ReadOnlyCache(cache)
+        with _backend_for_custom_masks(self.config, mask_function is not None):
+            return self._layers_forward(
+                inputs_embeds, attention_mask, position_ids, layer_cache, cache, use_cache, is_causal, mask_function,
+                **kwargs,
+            )
+
+    def _layers_forward(
+        self, inputs_embeds, attention_mask, position_ids, layer_cache, cache, use_cache, is_causal, mask_function,
+        **kwargs,
+    ):
         # The mask builders take the cache positionally: its keyword was renamed in transformers 5.24.
         if mask_function is not None:
-            if _attention_interface_is_flash(self.config):
-                raise ValueError(
-                    f"attn_implementation={self.config._attn_implementation!r} cannot express a custom attention "
-                    "pattern; use 'sdpa', 'eager' or 'flex_attention' for this call."
-                )
             # bidirectional AND mask_function == mask_function, with padding applied by the mask interface.
             attention_mask = create_bidirectional_mask(
                 self.config, inputs_embeds, attention_mask, None, layer_cache, and_mask_function=mask_function
@@ -501,4 +545,5 @@ __all__ = [
     "NemotronDiffusionCausalLMOutput",
     "ReadOnlyCache",
     "block_diff_mask_function",
+    "preferred_attn_implementation",
 ]
