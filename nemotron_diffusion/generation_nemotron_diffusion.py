@@ -17,6 +17,7 @@ generating, the prefill included. `tokens_per_forward` = new tokens / `num_forwa
 """
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -1007,26 +1008,27 @@ def _left_to_right_commits(max_prob, masked, threshold):
     return masked & (index >= first[:, None]) & run
 
 
-def _quadratic_mask_function(start, block_size, device):
-    """Attention of the QuadraticSpec chunk (slots start.. of B rows x (B+1)) over the cache and itself.
-
-    Row and offset of each chunk slot come from lookup tables rather than `//` and `%`, which the CPU code
-    generator of compiled FlexAttention cannot handle (torch 2.13)."""
+@functools.lru_cache(maxsize=16)
+def _quadratic_chunk_pattern(block_size, device):
+    """[Q, Q] bool, Q = B*(B+1): which chunk slot may attend to which. Row i of the layout is [d_i, mask x B]; d_i
+    sees d_0..d_i (causal among draft tokens); a mask of row i sees d_0..d_i and every mask of its own row."""
     row_len = block_size + 1
     local = torch.arange(block_size * row_len, device=device)
-    row_of, offset_of = local // row_len, local % row_len
-    last = local.numel() - 1
+    row, offset = local // row_len, local % row_len
+    draft_key = (offset[None, :] == 0) & (row[None, :] <= row[:, None])
+    own_row_masks = (offset[:, None] > 0) & (offset[None, :] > 0) & (row[:, None] == row[None, :])
+    return draft_key | own_row_masks
+
+
+def _quadratic_mask_function(start, block_size, device):
+    """Attention of the QuadraticSpec chunk (slots start.. of B rows x (B+1)): every query sees the whole cached
+    prefix; inside the chunk, the fixed pattern above (a table lookup, cheap to expand and compile-friendly)."""
+    pattern = _quadratic_chunk_pattern(block_size, torch.device(device))
+    last = pattern.shape[0] - 1
 
     def mask(batch_idx, head_idx, q_idx, kv_idx):
-        q_local = (q_idx - start).clamp(0, last)
         kv_local = kv_idx - start
-        in_chunk = kv_local >= 0
-        kv_local = kv_local.clamp(0, last)
-        q_row, q_off = row_of[q_local], offset_of[q_local]
-        kv_row, kv_off = row_of[kv_local], offset_of[kv_local]
-        draft_key = in_chunk & (kv_off == 0) & (kv_row <= q_row)
-        own_row_masks = in_chunk & (q_off > 0) & (kv_off > 0) & (kv_row == q_row)
-        return ~in_chunk | draft_key | own_row_masks
+        return (kv_local < 0) | pattern[(q_idx - start).clamp(0, last), kv_local.clamp(0, last)]
 
     return mask
 
