@@ -702,7 +702,11 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         offsets = config.max_thinking_tokens - rows.num_emitted[rows.active]
         for b in range(rows.size):
             k, row = int(offsets[b]), int(rows.active[b])
-            if not 0 <= k < block.shape[1] or bool((rows.tokens[row, : rows.num_emitted[row]] == end).any()):
+            if not 0 <= k < block.shape[1]:
+                continue
+            emitted_end = bool((rows.tokens[row, : rows.num_emitted[row]] == end).any())
+            committed_end = bool(((block[b, :k] == end) & ~masked[b, :k]).any())  # e.g. the block's AR seed
+            if emitted_end or committed_end:
                 continue
             if k == 0 or masked[b, k]:
                 block[b, k], masked[b, k] = end, False
@@ -944,6 +948,8 @@ def _validate_mode_fields(generation_config, model_config):
             bad("max_thinking_tokens", budget, "an int >= 0, or None")
         if not isinstance(end, int) or isinstance(end, bool) or not 0 <= end < model_config.vocab_size:
             bad("end_think_token_id", end, f"a token id in [0, {model_config.vocab_size}) when max_thinking_tokens is set")
+        if mode == "diffusion" and end == model_config.mask_token_id:
+            bad("end_think_token_id", end, f"a token other than the mask token ({model_config.mask_token_id})")
     adapter = generation_config.drafter_adapter
     if adapter is not None and not isinstance(adapter, str):
         bad("drafter_adapter", adapter, "an adapter name (str) or None")

@@ -11,23 +11,26 @@ mask id from every candidate / seed distribution) and documents it where it happ
 softmax(raw logits) with the mask id included, as in NVIDIA's code.
 """
 
-import copy
 import math
 import re
 
 import pytest
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast, pipeline
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import GenerationConfig, PreTrainedTokenizerFast, pipeline
 from transformers.cache_utils import DynamicCache
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from conftest import EOS_ID, MASK_ID, PAD_ID, left_pad, new_tokens, random_prompt, tiny_model
 
 from nemotron_diffusion import NemotronDiffusionForCausalLM, NemotronDiffusionGenerateOutput
 
 
-NEVER = -1  # marker used by helpers: "no EOS at all" (eos_token_id=None)
+# transformers 5.24 renamed generate's `past_key_values` to `cache` (the old name only warns).
+CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -148,18 +151,21 @@ def _get_transfer_index(logits, temperature, mask_index, x, num_transfer_tokens,
 
 @torch.no_grad()
 def reference_diffusion_generate(
-    model, prompt_ids, max_new_tokens, block_length, threshold=None, causal_context=True, temperature=0.0, eos_token_id=None
+    model, prompt_ids, max_new_tokens, block_length, threshold=None, causal_context=True, temperature=0.0, eos_token_id=None,
+    steps_per_block=None,
 ):
     """NVIDIA's `generate` (nld-reference.md §7.3) for a batch of one, cache-free.
 
     Returns (sequence [1, P + n], stats) with stats = dict(denoise=#denoise forwards, commits=#commit forwards,
     per_step=[tokens committed by each denoise step]).
+    `steps_per_block` is `block_length` in NVIDIA's release; the transfer schedule takes any step count (their
+    earlier `steps` argument), which is what `max_denoising_steps` means without a threshold.
     """
     assert prompt_ids.shape[0] == 1
     assert max_new_tokens % block_length == 0
     mask_id = model.config.mask_token_id
     num_blocks = max_new_tokens // block_length
-    steps_per_block = block_length
+    steps_per_block = steps_per_block or block_length
     prompt_length = prompt_ids.shape[1]
     x = prompt_ids.clone()
     stats = dict(denoise=0, commits=0, per_step=[])
@@ -206,7 +212,7 @@ def reference_diffusion_generate(
     return x, stats
 
 
-def expected_forwards(stats, finished_early=False):
+def expected_forwards(stats):
     """Our convention: prefill counted, every denoise forward, one commit per block except the final one (after the
     last needed token there is nothing left to seed)."""
     return 1 + stats["denoise"] + stats["commits"] - 1
@@ -243,6 +249,46 @@ def test_greedy_matches_reference(confident_model, block, max_new, threshold, ca
     assert out.tokens_per_forward[0].item() == pytest.approx(max_new / int(out.num_forwards[0]))
     if threshold is None:
         assert set(stats["per_step"]) == {1}  # one committed slot per denoising step
+
+
+class MaskShadowHead(torch.nn.Module):
+    """LM head whose mask-token logit sits `gap` below the best other logit: the mask id is never the argmax, but it
+    holds a large share of the probability, so a confidence computed with or without it differs a lot."""
+
+    def __init__(self, linear, gap=1.0):
+        super().__init__()
+        self.linear, self.gap = linear, gap
+
+    def forward(self, hidden):
+        logits = self.linear(hidden)
+        others = logits.clone()
+        others[..., MASK_ID] = -math.inf
+        logits = logits.clone()
+        logits[..., MASK_ID] = others.max(dim=-1).values - self.gap
+        return logits
+
+
+@pytest.fixture(scope="module")
+def mask_shadow_model():
+    model = tiny_model(seed=0, std=0.6)
+    model.diffusion_head = MaskShadowHead(model.diffusion_head)
+    return model
+
+
+@pytest.mark.parametrize("block,max_new,threshold,temperature", [(8, 24, 0.5, 0.0), (4, 16, 0.3, 0.0), (8, 16, 0.4, 0.7)])
+def test_confidence_includes_mask_probability(mask_shadow_model, block, max_new, threshold, temperature):
+    """NVIDIA's confidence is softmax(raw logits) at the candidate, the mask id included; only the candidate excludes
+    it. With a head that gives the mask id a large probability, excluding it from the confidence too would change
+    which slots pass the threshold."""
+    prompt = random_prompt(15, 8)
+    torch.manual_seed(9)
+    ref, stats = reference_diffusion_generate(mask_shadow_model, prompt, max_new, block, threshold, temperature=temperature)
+    torch.manual_seed(9)
+    out = gen(mask_shadow_model, prompt, block_size=block, confidence_threshold=threshold, max_new_tokens=max_new,
+              do_sample=temperature > 0, temperature=temperature or None, top_k=0)
+    assert out.sequences.tolist() == ref.tolist()
+    assert max(stats["per_step"]) > 1
+    assert int(out.num_forwards[0]) == expected_forwards(stats)
 
 
 def test_threshold_path_commits_several_slots_per_step(confident_model):
@@ -337,14 +383,16 @@ def test_mask_token_never_returned():
     assert not (out.sequences[:, 6:] == MASK_ID).any()
 
 
+@pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("threshold", [0.9, None])
-def test_left_padded_batch_equals_rows_alone(confident_model, threshold):
+def test_left_padded_batch_equals_rows_alone(confident_model, threshold, causal):
     prompts = [random_prompt(60 + i, n)[0].tolist() for i, n in enumerate((3, 9, 6))]
     ids, mask = left_pad(prompts)
-    batch = gen(confident_model, ids, mask, max_new_tokens=20, confidence_threshold=threshold)
+    settings = dict(max_new_tokens=20, confidence_threshold=threshold, causal_context=causal)
+    batch = gen(confident_model, ids, mask, **settings)
     rows = new_tokens(batch.sequences, ids.shape[1])
     for i, p in enumerate(prompts):
-        alone = gen(confident_model, torch.tensor([p]), max_new_tokens=20, confidence_threshold=threshold)
+        alone = gen(confident_model, torch.tensor([p]), **settings)
         assert rows[i] == alone.sequences[0, len(p):].tolist()
         assert int(batch.num_forwards[i]) == int(alone.num_forwards[0])
     assert ids.equal(left_pad(prompts)[0])
@@ -392,6 +440,13 @@ def test_exact_budget_is_prefix_of_longer_run(confident_model, threshold, max_ne
     if max_new == 1:  # the AR seed of the prefill is the only token: no denoising forward
         assert out.num_forwards.tolist() == [1, 1]
     assert (out.num_forwards <= long.num_forwards).all()
+    # sampling, one row (a batch draws noise for its live rows only, so rows that finish change the others' draws):
+    # the short run makes the same random draws until its last needed slot is committed
+    torch.manual_seed(5)
+    long = gen(confident_model, prompt[:1], max_new_tokens=24, confidence_threshold=threshold, do_sample=True)
+    torch.manual_seed(5)
+    out = gen(confident_model, prompt[:1], max_new_tokens=max_new, confidence_threshold=threshold, do_sample=True)
+    assert torch.equal(out.sequences, long.sequences[:, : 7 + max_new])
 
 
 class StopOnToken(StoppingCriteria):
@@ -437,11 +492,14 @@ class RecordingStreamer(BaseStreamer):
         self.ended += 1
 
 
-@pytest.mark.parametrize("threshold,max_new", [(0.9, 24), (None, 13)])
-def test_streamer_receives_chunks_in_order(confident_model, threshold, max_new):
+@pytest.mark.parametrize("threshold,max_new,eos", [(0.9, 24, None), (None, 13, None), (0.9, 24, 18)])
+def test_streamer_receives_chunks_in_order(confident_model, threshold, max_new, eos):
     prompt = random_prompt(14, 6)
     streamer = RecordingStreamer()
-    out = gen(confident_model, prompt, max_new_tokens=max_new, confidence_threshold=threshold, streamer=streamer)
+    out = gen(confident_model, prompt, max_new_tokens=max_new, confidence_threshold=threshold, streamer=streamer,
+              eos_token_id=eos)
+    if eos is not None:  # stopped inside the first block: nothing after the EOS was streamed
+        assert out.sequences.shape[1] - 6 == 6 and out.sequences[0, -1] == eos
     assert streamer.ended == 1
     # transformers puts the prompt first (as a [1, P] batch), then our emitted chunks as 1-D tensors
     first, *rest = streamer.chunks
@@ -449,7 +507,8 @@ def test_streamer_receives_chunks_in_order(confident_model, threshold, max_new):
     flat = [t for chunk in rest for t in (chunk if isinstance(chunk, list) else [chunk])]
     assert flat == out.sequences[0, 6:].tolist()
     assert all(len(c) >= 1 for c in rest)
-    assert len(rest) > max_new // 8  # streamed while blocks were being denoised, not once per block
+    blocks = math.ceil((out.sequences.shape[1] - 6) / 8)
+    assert len(rest) > blocks  # streamed while blocks were being denoised, not once per block
     if threshold is not None:
         assert max(len(c) for c in rest) > 1  # a step that commits several slots streams them together
 
@@ -479,6 +538,82 @@ def test_return_dict_off_returns_tensor(confident_model):
     seq = gen(confident_model, prompt, max_new_tokens=9, return_dict_in_generate=False)
     assert isinstance(seq, torch.Tensor)
     assert seq.tolist() == gen(confident_model, prompt, max_new_tokens=9).sequences.tolist()
+
+
+def test_block_size_one_is_autoregressive(confident_model):
+    """block_size=1: every block is just the AR seed, so diffusion decoding is greedy AR through commit forwards."""
+    prompts = [random_prompt(140, 5)[0].tolist(), random_prompt(141, 9)[0].tolist()]
+    ids, mask = left_pad(prompts)
+    ar = confident_model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    assert not (ar[:, ids.shape[1]:] == MASK_ID).any()
+    out = gen(confident_model, ids, mask, block_size=1, max_new_tokens=12)
+    assert out.sequences.tolist() == ar.tolist()
+    assert out.num_forwards.tolist() == [12, 12]  # prefill + one commit per token but the last
+
+
+def test_max_length_and_eos_list(confident_model):
+    prompt = random_prompt(14, 6)
+    free = gen(confident_model, prompt, max_new_tokens=24).sequences
+    assert torch.equal(gen(confident_model, prompt, max_length=6 + 13).sequences, free[:, : 6 + 13])
+    tokens = free[0, 6:].tolist()
+    stops = [tokens[9], tokens[4]]
+    first = min(tokens.index(stops[0]), tokens.index(stops[1]))
+    out = gen(confident_model, prompt, max_new_tokens=24, eos_token_id=stops)
+    assert out.sequences[0, 6:].tolist() == tokens[: first + 1]
+
+
+def test_min_new_tokens_holds_back_eos(confident_model):
+    prompt = random_prompt(14, 6)
+    tokens = gen(confident_model, prompt, max_new_tokens=24).sequences[0, 6:].tolist()
+    eos = tokens[2]
+    out = gen(confident_model, prompt, max_new_tokens=24, eos_token_id=eos, min_new_tokens=10).sequences[0, 6:].tolist()
+    assert eos not in out[:10]
+    assert len(out) >= 10
+    assert MASK_ID not in out
+
+
+def test_sampling_extras(confident_model):
+    """num_return_sequences expands the batch; use_cache=False still decodes (the loop needs its own cache)."""
+    prompt = random_prompt(150, 5)
+    torch.manual_seed(0)
+    out = gen(confident_model, prompt, max_new_tokens=10, do_sample=True, num_return_sequences=3)
+    assert out.sequences.shape == (3, 15) and out.num_forwards.shape == (3,)
+    assert not (out.sequences[:, 5:] == MASK_ID).any()
+    a = gen(confident_model, prompt, max_new_tokens=10, use_cache=False)
+    b = gen(confident_model, prompt, max_new_tokens=10)
+    assert a.sequences.tolist() == b.sequences.tolist()
+
+
+@settings(max_examples=15, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    lengths=st.lists(st.integers(1, 10), min_size=1, max_size=3),
+    block=st.sampled_from([1, 2, 3, 5, 8]),
+    threshold=st.sampled_from([None, 0.5, 0.9]),
+    max_new=st.integers(1, 20),
+    causal=st.booleans(),
+    eos=st.sampled_from([None, 5, 6, 18, 20]),
+    seed=st.integers(0, 10_000),
+)
+def test_property_batch_rows_equal_rows_alone(confident_model, lengths, block, threshold, max_new, causal, eos, seed):
+    """Any left-padded batch: each row gets exactly the tokens (and forward count) it gets alone; no mask id; rows end
+    at their first EOS or after exactly max_new_tokens tokens, padded after."""
+    prompts = [random_prompt(seed + i, n)[0].tolist() for i, n in enumerate(lengths)]
+    ids, mask = left_pad(prompts)
+    settings_ = dict(block_size=block, confidence_threshold=threshold, max_new_tokens=max_new, causal_context=causal,
+                     eos_token_id=eos, pad_token_id=PAD_ID)
+    batch = gen(confident_model, ids, mask, **settings_)
+    rows = new_tokens(batch.sequences, ids.shape[1])
+    for i, p in enumerate(prompts):
+        alone = gen(confident_model, torch.tensor([p]), **settings_)
+        tokens = alone.sequences[0, len(p):].tolist()
+        assert MASK_ID not in tokens
+        if eos is not None and eos in tokens:
+            assert tokens.index(eos) == len(tokens) - 1
+        else:
+            assert len(tokens) == max_new
+        assert rows[i] == tokens + [PAD_ID] * (len(rows[i]) - len(tokens))
+        assert int(batch.num_forwards[i]) == int(alone.num_forwards[0])
+        assert batch.tokens_per_forward[i].item() == pytest.approx(len(tokens) / int(alone.num_forwards[0]))
 
 
 # ----------------------------------------------------------------------------------------------- 4. config
@@ -541,6 +676,8 @@ def test_precedence_kwarg_over_passed_config_over_model_config(direct_runs):
     passed = GenerationConfig(**SETTINGS["b"], **COMMON)
     assert _run(model, prompt, generation_config=passed) == runs["b"]
     assert _run(model, prompt, generation_config=passed, block_size=16, confidence_threshold=0.9) == runs["c"]
+    # a passed config without the mode fields leaves the model config's in place
+    assert _run(model, prompt, generation_config=GenerationConfig(**COMMON)) == runs["a"]
     # a kwarg overrides the model config even without a passed config
     assert _run(model, prompt, block_size=16, confidence_threshold=0.9) == runs["c"]
     # None given explicitly is a value, not "unset": it beats 0.9 from the model config
@@ -584,6 +721,7 @@ def test_no_state_leak(tmp_path):
     ids_copy, mask_copy = ids.clone(), mask.clone()
     ar_before = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    buffers = {k: v.clone() for k, v in model.named_buffers()}  # rotary tables are not in the state dict
     modules = _module_state(model)
     requires_grad = [p.requires_grad for p in model.parameters()]
     config, gen_config = model.config.to_dict(), model.generation_config.to_dict()
@@ -605,6 +743,7 @@ def test_no_state_leak(tmp_path):
     assert not hasattr(model.generation_config, "decode_mode") or model.generation_config.decode_mode == "ar"
     after = model.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    assert all(torch.equal(b, buffers[name]) for name, b in model.named_buffers())
     assert _module_state(model) == modules
     assert [p.requires_grad for p in model.parameters()] == requires_grad
     ar_after = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
@@ -694,7 +833,7 @@ def test_invalid_thinking_budget_raises(plain_model, kwargs, field, value, mode)
     with pytest.raises(ValueError) as info:
         plain_model.generate(random_prompt(1, 4), decode_mode=mode, max_new_tokens=4, **kwargs)
     _assert_names(str(info.value), field, value)
-    if "without" not in str(info.value) and field == "end_think_token_id" and value is None:
+    if field == "end_think_token_id" and value is None:
         assert "max_thinking_tokens" in str(info.value)
 
 
@@ -728,16 +867,16 @@ def test_refused_combination_via_generation_config(plain_model):
 
 
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "linear_spec", "quadratic_spec"])
-@pytest.mark.parametrize("value", [False, True])
-def test_is_causal_kwarg_refused_in_every_mode(plain_model, mode, value):
-    with pytest.raises(ValueError, match="is_causal"):
-        plain_model.generate(random_prompt(1, 4), decode_mode=mode, max_new_tokens=4, is_causal=value)
+@pytest.mark.parametrize("name,value", [("is_causal", False), ("is_causal", True), ("update_cache", False)])
+def test_attention_kwargs_refused_in_every_mode(plain_model, mode, name, value):
+    with pytest.raises(ValueError, match=name):
+        plain_model.generate(random_prompt(1, 4), decode_mode=mode, max_new_tokens=4, **{name: value})
 
 
 def test_user_cache_and_inputs_embeds_refused(plain_model):
     prompt = random_prompt(1, 4)
     with pytest.raises(ValueError, match="cache"):
-        plain_model.generate(prompt, decode_mode="diffusion", max_new_tokens=4, past_key_values=DynamicCache())
+        plain_model.generate(prompt, decode_mode="diffusion", max_new_tokens=4, **{CACHE_KWARG: DynamicCache()})
     embeds = plain_model.get_input_embeddings()(prompt)
     with pytest.raises(ValueError, match="input_ids"):
         plain_model.generate(inputs_embeds=embeds, decode_mode="diffusion", max_new_tokens=4)
@@ -799,6 +938,37 @@ def test_thinking_budget_leaves_rows_that_already_ended_thinking(confident_model
     assert rows[1][:budget] == free[1][:budget] or mode == "diffusion"
 
 
+def test_thinking_budget_counts_the_blocks_seed(confident_model):
+    """The AR seed at a block's offset 0 is generated before a budget index later in the same block. When the seed is
+    the end-of-thinking token, the row has ended thinking (as in AR, which leaves it alone): the budget must not add a
+    second one."""
+    prompt = random_prompt(120, 6)
+    common = dict(decode_mode="diffusion", block_size=8, max_new_tokens=24, do_sample=False, eos_token_id=None)
+    free = confident_model.generate(prompt, **common)[0, 6:].tolist()
+    end = free[8]  # the seed of block 1
+    assert end not in free[:8]
+    out = confident_model.generate(prompt, max_thinking_tokens=11, end_think_token_id=end, **common)[0, 6:].tolist()
+    assert out == free
+    ar_free = confident_model.generate(prompt, **{**common, "decode_mode": "ar"})[0, 6:].tolist()
+    ar_end = ar_free[8]
+    if ar_end not in ar_free[:8]:
+        ar = confident_model.generate(
+            prompt, max_thinking_tokens=11, end_think_token_id=ar_end, **{**common, "decode_mode": "ar"}
+        )[0, 6:].tolist()
+        assert ar == ar_free
+
+
+def test_thinking_budget_left_padded_batch_equals_rows_alone(confident_model):
+    prompts = [random_prompt(60 + i, n)[0].tolist() for i, n in enumerate((3, 9, 6))]
+    ids, mask = left_pad(prompts)
+    settings = dict(max_new_tokens=20, max_thinking_tokens=5, end_think_token_id=60)
+    rows = new_tokens(gen(confident_model, ids, mask, **settings).sequences, ids.shape[1])
+    for i, p in enumerate(prompts):
+        alone = gen(confident_model, torch.tensor([p]), **settings).sequences[0, len(p):].tolist()
+        assert rows[i] == alone
+        assert alone[5] == 60
+
+
 def test_thinking_budget_with_sampling_diffusion(confident_model):
     prompt = random_prompt(122, 6, batch=3)
     end = 60
@@ -831,14 +1001,17 @@ def test_max_denoising_steps_caps_forwards(confident_model, threshold, steps):
     assert torch.equal(out.sequences[:, 6], uncapped.sequences[:, 6])
 
 
-def test_max_denoising_steps_schedule_without_threshold(confident_model):
-    """steps=2 without a threshold: NVIDIA's schedule spreads the 7 masks of a block over 2 steps (4, then the rest),
-    so a large cap (>= 7) equals no cap."""
+@pytest.mark.parametrize("steps", [2, 3, 7, 9])
+def test_max_denoising_steps_without_threshold_matches_reference_schedule(confident_model, steps):
+    """No threshold: the 7 masks of a block are spread over `steps` steps by NVIDIA's transfer schedule (2 steps: 4
+    then 3). A cap >= 7 is no cap at all."""
     prompt = random_prompt(131, 6)
-    capped = gen(confident_model, prompt, max_new_tokens=16, confidence_threshold=None, max_denoising_steps=7)
-    free = gen(confident_model, prompt, max_new_tokens=16, confidence_threshold=None)
-    assert capped.sequences.tolist() == free.sequences.tolist()
-    assert capped.num_forwards.tolist() == free.num_forwards.tolist()
+    ref, stats = reference_diffusion_generate(confident_model, prompt, 16, 8, None, steps_per_block=min(steps, 8))
+    out = gen(confident_model, prompt, max_new_tokens=16, confidence_threshold=None, max_denoising_steps=steps)
+    assert out.sequences.tolist() == ref.tolist()
+    assert int(out.num_forwards[0]) == expected_forwards(stats) == 1 + 2 * min(steps, 7) + 1
+    if steps == 2:
+        assert stats["per_step"] == [4, 3, 4, 3]
 
 
 # ------------------------------------------------------------------------------------------------ 9. pipeline
@@ -873,6 +1046,11 @@ def test_pipeline_text_generation_matches_generate(confident_model):
     assert len(expected.split()) == 8
     assert result[0]["generated_text"] == expected
     assert generator(text, **settings)[0]["generated_text"] == text + expected
+    # the same settings from the model's generation config (as a saved generation_config.json would give them)
+    model = fresh_confident_model()
+    for key, value in settings.items():
+        setattr(model.generation_config, key, value)
+    assert pipeline("text-generation", model=model, tokenizer=tok)(text, return_full_text=False) == result
     ar = confident_model.generate(**encoded, max_new_tokens=8, do_sample=False)
     assert tok.decode(ar[0, 5:], skip_special_tokens=True) != expected  # the mode really reached generate
     # batched through the pipeline (left padding) too
