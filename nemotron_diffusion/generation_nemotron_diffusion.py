@@ -17,6 +17,7 @@ generating, the prefill included. `tokens_per_forward` = new tokens / `num_forwa
 """
 
 import contextlib
+import copy
 import functools
 import math
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from transformers.generation.logits_process import (
     LogitsProcessor,
     LogitsProcessorList,
     MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
     SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -154,9 +156,28 @@ def _process_block(logits_processor, rows, block_ids, logits, first=0):
     out = torch.empty_like(logits)
     for b in range(batch):
         sequence = rows.sequence(b)
+        row_processors = _processors_for_row(logits_processor, int(rows.active[b]))
         for j in range(k):
             ids = torch.cat([sequence, block_ids[b, : first + j]])[None]
-            out[b, j] = logits_processor(ids, logits[b, j][None].clone())[0]
+            out[b, j] = row_processors(ids, logits[b, j][None].clone())[0]
+    return out
+
+
+# Processor attributes that hold one value per row of the batch `generate` was called with.
+_PER_ROW_STATE = {RepetitionPenaltyLogitsProcessor: ("prompt_ignore_length",)}
+
+
+def _processors_for_row(logits_processor, row):
+    """The processors as seen by original batch row `row` alone (per-row state sliced to that row)."""
+    out = LogitsProcessorList()
+    for processor in logits_processor:
+        fields = [f for t, names in _PER_ROW_STATE.items() if isinstance(processor, t) for f in names]
+        state = {f: getattr(processor, f) for f in fields if isinstance(getattr(processor, f, None), torch.Tensor)}
+        if state:
+            processor = copy.copy(processor)
+            for name, value in state.items():
+                setattr(processor, name, value[row : row + 1])
+        out.append(processor)
     return out
 
 
@@ -207,7 +228,8 @@ def _speculative_accept(draft, target_scores, draft_probs, do_sample):
     q_draft = q.gather(-1, draft[..., None])[..., 0]
     accept = torch.rand(batch, k, device=draft.device) * q_draft <= p_draft
     accepted = accept.long().cumprod(dim=1).sum(dim=1)
-    emitted = torch.cat([draft, draft[:, :1]], dim=1).clone()
+    emitted = torch.zeros(batch, k + 1, dtype=draft.dtype, device=draft.device)
+    emitted[:, :k] = draft
     # The token after the accepted drafts: residual sample at a rejection, bonus sample of p_K otherwise.
     at = accepted.clamp(max=k)
     p_at = p[rows, at]
@@ -228,6 +250,8 @@ def _adapters_for_drafting(model, adapter_name):
     `PeftModel` (both keep the LoRA layers inside the model). A no-op for a model without adapters."""
     layers = [m for m in model.modules() if hasattr(m, "_disable_adapters") and hasattr(m, "_active_adapter")]
     if not layers:
+        if adapter_name is not None:
+            raise ValueError(f"drafter_adapter={adapter_name!r} is set, but the model has no PEFT adapter attached.")
         yield lambda drafting: None
         return
     if any(getattr(layer, "merged", False) for layer in layers):
@@ -602,7 +626,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         rows.count_forward()
         return out.logits[:, -1]
 
-    def _block_forward(self, rows, cache, block_ids, is_causal, update_cache, mask_function=None, hidden_only=False):
+    def _block_forward(self, rows, cache, block_ids, is_causal, update_cache, hidden_only=False):
         """One forward of a [live, K] block at each row's next positions, on top of the cache."""
         k = block_ids.shape[1]
         out = self.encoder(
@@ -613,7 +637,6 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             use_cache=True,
             is_causal=is_causal,
             update_cache=update_cache,
-            mask_function=mask_function,
         )
         hidden = out.last_hidden_state
         return hidden if hidden_only else self.diffusion_head(hidden)

@@ -8,6 +8,18 @@ import torch
 from nemotron_diffusion import NemotronDiffusionConfig, NemotronDiffusionForCausalLM
 
 
+# torch 2.13's inductor fails to generate C++ for CPU FlexAttention once a shape turns dynamic (after a second
+# shape is seen): "cur_kvSplitSize0 was not declared". Static recompiles per shape avoid that code path; every test
+# starts with a fresh compile cache so no test inherits another's compiled shapes.
+torch._dynamo.config.automatic_dynamic_shapes = False
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compile_cache():
+    torch._dynamo.reset()
+    yield
+
+
 # Tests never reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -188,10 +188,3 @@ def test_tied_head_option():
     assert model.diffusion_head.weight.data_ptr() == model.encoder.embed_tokens.weight.data_ptr()
     untied = tiny_model()
     assert untied.diffusion_head.weight.data_ptr() != untied.encoder.embed_tokens.weight.data_ptr()
-
-
-def test_custom_mask_is_refused_on_flash_backends():
-    model = tiny_model()
-    model.config._attn_implementation = "flash_attention_2"  # no kernel needed: refused before any call
-    with pytest.raises(ValueError, match="cannot express a custom attention pattern"):
-        model(input_ids=torch.tensor([[5, 6]]), mask_function=lambda b, h, q, k: q >= k)
