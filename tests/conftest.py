@@ -10,8 +10,9 @@ from nemotron_diffusion import NemotronDiffusionConfig, NemotronDiffusionForCaus
 
 # torch 2.13's inductor fails to generate C++ for CPU FlexAttention once a shape turns dynamic (after a second
 # shape is seen): "cur_kvSplitSize0 was not declared". Static recompiles per shape avoid that code path; every test
-# starts with a fresh compile cache so no test inherits another's compiled shapes.
-torch._dynamo.config.automatic_dynamic_shapes = False
+# starts with a fresh compile cache so no test inherits another's compiled shapes. (GPU kernels are unaffected.)
+if not torch.cuda.is_available():
+    torch._dynamo.config.automatic_dynamic_shapes = False
 
 
 @pytest.fixture(autouse=True)
