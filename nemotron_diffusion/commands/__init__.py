@@ -1,0 +1,1 @@
+"""Subcommands of the `nemotron-diffusion` command line (see `nemotron_diffusion.cli`)."""
