@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.generation import GenerationMixin
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.logits_process import (
@@ -44,6 +44,8 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .cache_nemotron_diffusion import compact_cache_rows, keep_chunk_entries, rewind_cache, select_cache_rows
 
 
 DECODE_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
@@ -404,7 +406,7 @@ class _Rows:
         self.slot_mask = self.slot_mask[index]
         self.next_position = self.next_position[index]
         if cache is not None and self.size:
-            cache.batch_select_indices(index)
+            select_cache_rows(cache, index)
         return tuple(t[index] if t is not None else None for t in tensors)
 
     def append_slots(self, kept, written):
@@ -417,19 +419,16 @@ class _Rows:
 
     def compact(self, cache):
         """Left-align each row's real slots when holes and padding waste at least a quarter of the cache."""
+        if not self.size:
+            return
         real = self.slot_mask.bool()
         total = real.shape[1]
-        needed = int(real.sum(dim=1).max()) if real.numel() else 0
+        needed = int(real.sum(dim=1).max())
         if total == 0 or needed > 0.75 * total:
             return
         # Stable sort puts each row's empty slots first, then its real slots in order.
         order = torch.sort(real.int(), dim=1, stable=True).indices[:, total - needed :]
-        for layer in cache.layers:
-            if not layer.is_initialized or layer.keys.numel() == 0:
-                continue
-            index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
-            layer.keys = layer.keys.gather(2, index)
-            layer.values = layer.values.gather(2, index.expand(-1, -1, -1, layer.values.shape[-1]))
+        compact_cache_rows(cache, order)
         self.slot_mask = real.gather(1, order).long()
 
     def finish(self, generation_config):
@@ -450,31 +449,6 @@ class _Rows:
             tokens_per_forward=self.num_emitted.float() / num_forwards.clamp(min=1).float(),
             acceptance_lengths=acceptance,
         )
-
-
-class _RecordingReadOnlyCache:
-    """A read-only cache view that also keeps the current chunk's keys/values, so that a few of them can be
-    appended afterwards (QuadraticSpec keeps only the accepted draft tokens' exact causal K/V)."""
-
-    def __init__(self, cache):
-        self.cache = cache
-        self.recorded = {}
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.recorded[layer_idx] = (key_states, value_states)
-        layer = self.cache.layers[layer_idx]
-        if not layer.is_initialized or layer.keys.numel() == 0:
-            return key_states, value_states
-        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
-
-    def append(self, chunk_index):
-        """Append the recorded chunk slots `chunk_index` [K] of every layer to the real cache."""
-        for layer_idx, (keys, values) in sorted(self.recorded.items()):
-            self.cache.update(keys[:, :, chunk_index], values[:, :, chunk_index], layer_idx)
-        self.recorded = {}
-
-    def __getattr__(self, name):
-        return getattr(self.cache, name)
 
 
 # ------------------------------------------------------------------------------------------------------ the mixin
@@ -532,8 +506,8 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             refuse("`assistant_model`")
         if generation_mode_kwargs.get("synced_gpus"):
             refuse("`synced_gpus`")
-        if generation_config.cache_implementation is not None:
-            refuse(f"cache_implementation={generation_config.cache_implementation!r} (the default dynamic cache is used)")
+        if generation_config.cache_implementation not in (None, "dynamic", "static"):
+            refuse(f"cache_implementation={generation_config.cache_implementation!r} (use None/'dynamic' or 'static')")
         for flag in ("output_scores", "output_logits", "output_attentions", "output_hidden_states"):
             if getattr(generation_config, flag, False):
                 refuse(f"`{flag}=True`")
@@ -571,7 +545,9 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         cache = _cache_from(model_kwargs)
         if getattr(cache, "_is_user_defined", False):
             raise ValueError(f"decode_mode={mode!r} does not take a user-supplied cache (`past_key_values`).")
-        if cache is None:
+        if generation_config.cache_implementation == "static":
+            cache = self._static_cache_for(input_ids, generation_config)
+        elif cache is None:
             cache = DynamicCache(config=self.config)
         if input_ids.shape[0] > 1 and streamer is not None:
             raise ValueError(f"decode_mode={mode!r} streams a batch of one row only; got {input_ids.shape[0]} rows.")
@@ -584,6 +560,18 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         with _adapters_for_drafting(self, generation_config.drafter_adapter) as set_drafting, torch.no_grad():
             loop(rows, cache, logits_processor, generation_config, set_drafting)
         return rows.finish(generation_config)
+
+    def _static_cache_for(self, input_ids, generation_config):
+        """A StaticCache with room for the prompt, every new token and the largest chunk a loop writes past the
+        committed tokens (a verify block, or QuadraticSpec's B*(B+1) chunk). In a batch, rows that keep fewer
+        tokens leave holes until compaction (at most a quarter of the cache): the committed part gets 4/3 room."""
+        batch, prompt_length = input_ids.shape
+        committed = prompt_length + generation_config.max_length - prompt_length
+        if batch > 1:
+            committed = -(-4 * committed // 3)
+        block = generation_config.block_size
+        room = committed + block * (block + 1) + 2 * block
+        return StaticCache(config=self.config, max_cache_len=room)
 
     def _ar_decode(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer, **model_kwargs):
         out = super()._sample(
@@ -763,7 +751,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             scores = _process_block(logits_processor, rows, block[:, 1:], logits)
             accepted, emitted = _speculative_accept(drafts, scores, draft_probs, config.do_sample)
             kept = accepted + 1  # the seed and the accepted drafts are exact causal entries
-            cache.crop(-(block_size - int(kept.max())))
+            rewind_cache(cache, block_size - int(kept.max()))
             rows.append_slots(kept, block_size)
             n = rows.emit(emitted, accepted + 1)
             rows.record_cycle(n)
@@ -841,7 +829,8 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         d_0..d_i and their own row bidirectionally. d_0 (the previous AR token) is always accepted; d_{i+1} is
         checked against row i's causal logits. The next draft is the accepted row's masks, whose first slot takes
         the AR token that follows the accepted prefix. Only the accepted draft tokens' K/V are kept in the cache.
-        The first cycle is a bootstrap forward over [prompt, masks] that doubles as the prefill.
+        The first cycle is a bootstrap forward over [prompt, masks] that doubles as the prefill. Every forward
+        verifies, so all run with base weights (a drafter adapter is never enabled in this mode).
         """
         config = generation_config
         mask_id = self.config.mask_token_id
@@ -865,17 +854,14 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             chunk[:, :, 0] = drafts
             chunk = chunk.reshape(rows.size, -1)
             offsets = (torch.arange(block_size, device=device)[:, None] + torch.arange(row_len, device=device)[None, :]).reshape(-1)
-            recorder = _RecordingReadOnlyCache(cache)
-            start = cache.get_seq_length()
-            set_drafting(False)
+            start = int(cache.get_seq_length())
             out = self.encoder(
                 input_ids=chunk,
                 attention_mask=rows.block_attention_mask(chunk.shape[1]),
                 position_ids=rows.block_positions(offsets),
-                cache=recorder,
+                cache=cache,
                 use_cache=True,
                 is_causal=False,
-                update_cache=True,
                 mask_function=_quadratic_mask_function(start, block_size, device),
             )
             rows.count_forward()
@@ -885,7 +871,8 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             scores = _process_block(logits_processor, rows, drafts, target_logits, first=1)
             accepted, emitted = _speculative_accept(drafts[:, 1:], scores, draft_probs, config.do_sample)
             take = accepted + 1  # d_0 .. d_accepted
-            recorder.append(torch.arange(int(take.max()), device=device) * row_len)
+            # Keep only the accepted draft tokens' entries (exact causal K/V): d_0 .. d_accepted of each row.
+            keep_chunk_entries(cache, chunk.shape[1], torch.arange(int(take.max()), device=device) * row_len)
             rows.append_slots(take, block_size)
             n = rows.emit(drafts, take)
             rows.record_cycle(n)
@@ -906,7 +893,6 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         masks = torch.full((rows.size, block_size), mask_id, dtype=torch.long, device=device)
         prompt_positions = (rows.slot_mask.cumsum(-1) - 1).clamp(min=0)
         positions = torch.cat([prompt_positions, rows.block_positions(torch.arange(block_size, device=device))], dim=1)
-        set_drafting(False)
         out = self.encoder(
             input_ids=torch.cat([rows.prompt, masks], dim=1),
             attention_mask=rows.block_attention_mask(block_size),
@@ -917,7 +903,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             update_cache=True,
             mask_function=_bootstrap_mask_function(rows.prompt_length),
         )
-        cache.crop(-block_size)
+        rewind_cache(cache, block_size)
         rows.count_forward()
         hidden = out.last_hidden_state
         ar_logits = self.diffusion_head(hidden[:, rows.prompt_length - 1])

@@ -34,8 +34,11 @@ from transformers.models.ministral3.modeling_ministral3 import (
 from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 from transformers.utils.output_capturing import capture_outputs
 
+from .cache_nemotron_diffusion import ReadOnlyCache, is_static_cache, rewind_cache
 from .configuration_nemotron_diffusion import NemotronDiffusionConfig
-from .generation_nemotron_diffusion import NemotronDiffusionGenerationMixin
+from .generation_nemotron_diffusion import GENERATION_FIELDS, NemotronDiffusionGenerationMixin
+from .model_card import should_write as _should_write_card
+from .model_card import write_model_card
 
 
 # transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache`. A forward that
@@ -46,34 +49,6 @@ _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
 
 # Both names of the flash kernels that cannot take an arbitrary (e.g. block-diffusion) mask inside one call.
 _FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
-
-
-class ReadOnlyCache:
-    """A view of a cache that the attention layers can read but not write.
-
-    `update` returns the cached keys/values concatenated with the current chunk's and stores nothing, so a drafting
-    or denoising forward sees `[prefix | block]` while the prefix cache is left exactly as it was. Everything else
-    (mask sizes, sequence length, ...) is delegated to the wrapped cache, which makes mask creation and positions
-    behave as if the block had been appended.
-    """
-
-    def __init__(self, cache: Cache):
-        for layer in cache.layers:
-            if getattr(layer, "is_compileable", False) or getattr(layer, "is_sliding", False):
-                raise ValueError(
-                    f"Read-only (drafting) forwards need a dynamic full-attention cache; got a "
-                    f"{type(layer).__name__} layer in {type(cache).__name__}. Use the default DynamicCache."
-                )
-        self.cache = cache
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        layer = self.cache.layers[layer_idx]
-        if not layer.is_initialized or layer.keys.numel() == 0:
-            return key_states, value_states
-        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
-
-    def __getattr__(self, name):
-        return getattr(self.cache, name)
 
 
 @dataclass
@@ -230,12 +205,19 @@ class NemotronDiffusionModel(NemotronDiffusionPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        layer_cache = cache if (cache is None or update_cache) else ReadOnlyCache(cache)
+        read_only = cache is not None and not update_cache
+        # A dynamic cache is read through a view that stores nothing; a static one (fixed buffers for compiled
+        # graphs) is written past its length and rolled back after the call, the stale slots being masked out.
+        static_read_only = read_only and is_static_cache(cache)
+        layer_cache = ReadOnlyCache(cache) if read_only and not static_read_only else cache
         with _backend_for_custom_masks(self.config, mask_function is not None):
-            return self._layers_forward(
+            output = self._layers_forward(
                 inputs_embeds, attention_mask, position_ids, layer_cache, cache, use_cache, is_causal, mask_function,
                 **kwargs,
             )
+        if static_read_only:
+            rewind_cache(cache, inputs_embeds.shape[1])
+        return output
 
     def _layers_forward(
         self, inputs_embeds, attention_mask, position_ids, layer_cache, cache, use_cache, is_causal, mask_function,
@@ -319,23 +301,46 @@ class NemotronDiffusionForCausalLM(NemotronDiffusionPreTrainedModel, NemotronDif
         self.mask_token_id = config.mask_token_id
         self.diffusion_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        _greedy_unless_configured(self.generation_config)
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def adjust_generation_fn(self, *args, **kwargs):
+        # `from_pretrained` replaces the generation config with the folder's generation_config.json (if any).
+        super().adjust_generation_fn(*args, **kwargs)
+        _greedy_unless_configured(self.generation_config)
+
+    def save_pretrained(self, save_directory, *args, model_card=None, **kwargs):
         """Saves weights under NVIDIA's names, this package's model files as remote code, and an `auto_map` for
         AutoConfig, AutoModel and AutoModelForCausalLM, so the folder loads with `trust_remote_code=True` where
         this package is not installed. The generation config is saved as authoritative (`_from_model_config`
-        False), otherwise transformers drops its `decode_mode`/`block_size`/... fields on reload."""
+        False), otherwise transformers drops its `decode_mode`/`block_size`/... fields on reload; it carries
+        `do_sample` and the mode fields explicitly.
+
+        model_card: the README.md model card (see `model_card.write_model_card`). `None` (default) writes it unless
+        the folder has a README.md that was not written by this package; `True` always writes it; a dict writes it
+        with these fields (`license`, `base_model`, `tags`, `language`, `drafter_subfolder`, `description`);
+        `False` writes none. (`push_to_hub=True` uploads transformers' own card instead: upload the saved folder
+        with `huggingface_hub.upload_folder` to publish this one.)"""
+        if not (model_card is None or isinstance(model_card, (bool, dict))):
+            raise ValueError(f"save_pretrained: `model_card`={model_card!r} is invalid; allowed: None, True, False, a dict.")
         saved_auto_map = getattr(self.config, "auto_map", None)
         saved_from_model_config = getattr(self.generation_config, "_from_model_config", None)
         self.config.auto_map = dict(_AUTO_MAP)
+        added_fields = _add_generation_fields(self.generation_config)
         if self.generation_config is not None:
             self.generation_config._from_model_config = False
         try:
-            return super().save_pretrained(save_directory, *args, **kwargs)
+            output = super().save_pretrained(save_directory, *args, **kwargs)
         finally:
             self.config.auto_map = saved_auto_map
             if self.generation_config is not None:
                 self.generation_config._from_model_config = saved_from_model_config
+                for name in added_fields:
+                    delattr(self.generation_config, name)
+        write_card = model_card is not False and kwargs.get("is_main_process", True) and not kwargs.get("push_to_hub")
+        if write_card and (model_card is not None or _should_write_card(save_directory)):
+            fields = model_card if isinstance(model_card, dict) else {}
+            write_model_card(save_directory, name_or_path=self.name_or_path, **fields)
+        return output
 
     def get_input_embeddings(self):
         return self.encoder.embed_tokens
@@ -522,6 +527,30 @@ def _masked_diffusion_ce_sum(logits, labels, masked_indices, p_mask):
     """Sum of CE / p_mask over masked positions (no shift: logit i predicts token i), and the masked count."""
     ce = F.cross_entropy(logits[masked_indices].float(), labels[masked_indices], reduction="none")
     return (ce / p_mask[masked_indices].float()).sum(), masked_indices.sum()
+
+
+def _greedy_unless_configured(generation_config):
+    """`do_sample=False` where the generation config leaves it unset. `generate()` already decodes greedily then,
+    but `pipeline("text-generation")` samples at temperature 0.7 unless the model's generation config sets
+    `do_sample`; with this the pipeline decodes like `generate()`."""
+    if generation_config is not None and getattr(generation_config, "do_sample", None) is None:
+        generation_config.do_sample = False
+
+
+# Mode fields whose default does not depend on the mode: saved in generation_config.json when unset, so the file
+# lists them. (`block_size` and `confidence_threshold` are saved only when set: their defaults follow the mode.)
+_SAVED_MODE_FIELDS = ("decode_mode", "causal_context", "max_denoising_steps", "max_thinking_tokens",
+                      "end_think_token_id", "drafter_adapter")
+
+
+def _add_generation_fields(generation_config):
+    """Sets the unset `_SAVED_MODE_FIELDS` to their defaults; returns their names (removed again after saving)."""
+    if generation_config is None:
+        return []
+    added = [name for name in _SAVED_MODE_FIELDS if not hasattr(generation_config, name)]
+    for name in added:
+        setattr(generation_config, name, GENERATION_FIELDS[name])
+    return added
 
 
 _AUTO_MAP = {

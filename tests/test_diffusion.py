@@ -844,7 +844,7 @@ def test_invalid_thinking_budget_raises(plain_model, kwargs, field, value, mode)
         (dict(prompt_lookup_num_tokens=3), "prompt"),
         (dict(output_scores=True, return_dict_in_generate=True), "output_scores"),
         (dict(output_logits=True, return_dict_in_generate=True), "output_logits"),
-        (dict(cache_implementation="static"), "cache_implementation"),
+        (dict(cache_implementation="offloaded"), "cache_implementation"),
     ],
 )
 def test_unsupported_combinations_refused(plain_model, kwargs, keyword):
