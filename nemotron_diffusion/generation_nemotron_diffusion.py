@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, StaticCache
-from transformers.generation import GenerationMixin
+from transformers.generation import CompileConfig, GenerationMixin
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.logits_process import (
     EpsilonLogitsWarper,
@@ -45,7 +45,13 @@ from transformers.generation.logits_process import (
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .cache_nemotron_diffusion import compact_cache_rows, keep_chunk_entries, rewind_cache, select_cache_rows
+from .cache_nemotron_diffusion import (
+    compact_cache_rows,
+    is_static_cache,
+    keep_chunk_entries,
+    rewind_cache,
+    select_cache_rows,
+)
 
 
 DECODE_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
@@ -313,6 +319,8 @@ class _Rows:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         self.slot_mask = attention_mask.long()
+        self.mask_length = None  # the static cache's length, when there is one
+        self.encoder_call = None  # the backbone call of this generation (compiled for static caches on GPU)
         self.next_position = self.slot_mask.sum(dim=1)
         self.stopping_criteria = stopping_criteria
         self.streamer = streamer
@@ -341,8 +349,13 @@ class _Rows:
         return self.tokens[rows, last.clamp(min=0)]
 
     def block_attention_mask(self, query_length):
+        """[live, S + query_length] (1 = real token) for a block after the S cache slots; with a static cache it
+        spans all `mask_length` slots (the stale ones past the block masked), so its shape never changes."""
         ones = torch.ones(self.size, query_length, dtype=self.slot_mask.dtype, device=self.slot_mask.device)
-        return torch.cat([self.slot_mask, ones], dim=1)
+        mask = torch.cat([self.slot_mask, ones], dim=1)
+        if self.mask_length is not None:
+            mask = F.pad(mask, (0, self.mask_length - mask.shape[1]))
+        return mask
 
     def block_positions(self, offsets):
         return self.next_position[:, None] + offsets[None, :]
@@ -552,6 +565,9 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         if input_ids.shape[0] > 1 and streamer is not None:
             raise ValueError(f"decode_mode={mode!r} streams a batch of one row only; got {input_ids.shape[0]} rows.")
         rows = _Rows(input_ids, model_kwargs.get("attention_mask"), generation_config, stopping_criteria, streamer)
+        rows.encoder_call = self._encoder_call(cache, generation_config)
+        if is_static_cache(cache):
+            rows.mask_length = cache.layers[0].max_cache_len
         loop = {
             "diffusion": self._diffusion_decode,
             "linear_spec": self._linear_spec_decode,
@@ -560,6 +576,23 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         with _adapters_for_drafting(self, generation_config.drafter_adapter) as set_drafting, torch.no_grad():
             loop(rows, cache, logits_processor, generation_config, set_drafting)
         return rows.finish(generation_config)
+
+    def _encoder_call(self, cache, generation_config):
+        """The backbone call of the block loops: compiled (`generation_config.compile_config`, CUDA graphs by
+        default) under transformers' own auto-compile rule, i.e. with a static cache on an accelerator unless
+        `disable_compile`; eager otherwise. Each block kind has fixed shapes, so each compiles once."""
+        if not (
+            is_static_cache(cache)
+            and self._valid_auto_compile_criteria({"cache": cache, "past_key_values": cache}, generation_config)
+        ):
+            return self.encoder.__call__
+        compile_config = generation_config.compile_config or CompileConfig()
+        # Kept on the model like transformers' own `get_compiled_call`, so graphs survive across generate calls.
+        cached = getattr(self, "_compiled_encoder_call", None)
+        if cached is None or cached[0] != compile_config:
+            cached = (compile_config, torch.compile(self.encoder.__call__, **compile_config.to_dict()))
+            self._compiled_encoder_call = cached
+        return cached[1]
 
     def _static_cache_for(self, input_ids, generation_config):
         """A StaticCache with room for the prompt, every new token and the largest chunk a loop writes past the
@@ -617,7 +650,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
     def _block_forward(self, rows, cache, block_ids, is_causal, update_cache, hidden_only=False):
         """One forward of a [live, K] block at each row's next positions, on top of the cache."""
         k = block_ids.shape[1]
-        out = self.encoder(
+        out = rows.encoder_call(
             input_ids=block_ids,
             attention_mask=rows.block_attention_mask(k),
             position_ids=rows.block_positions(torch.arange(k, device=block_ids.device)),
@@ -854,15 +887,20 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             chunk[:, :, 0] = drafts
             chunk = chunk.reshape(rows.size, -1)
             offsets = (torch.arange(block_size, device=device)[:, None] + torch.arange(row_len, device=device)[None, :]).reshape(-1)
-            start = int(cache.get_seq_length())
-            out = self.encoder(
-                input_ids=chunk,
-                attention_mask=rows.block_attention_mask(chunk.shape[1]),
-                position_ids=rows.block_positions(offsets),
-                cache=cache,
-                use_cache=True,
+            positions = rows.block_positions(offsets)
+            # The chunk's attention pattern is built here, outside a possibly compiled call (its closure would
+            # otherwise be a new graph input every cycle).
+            pattern = self.encoder.build_attention_mask(
+                torch.empty(chunk.shape + (0,), dtype=self.dtype, device=device),
+                rows.block_attention_mask(chunk.shape[1]),
+                cache,
+                positions,
                 is_causal=False,
-                mask_function=_quadratic_mask_function(start, block_size, device),
+                mask_function=_quadratic_mask_function(int(cache.get_seq_length()), block_size, device),
+            )
+            out = rows.encoder_call(
+                input_ids=chunk, attention_mask=pattern, position_ids=positions, cache=cache, use_cache=True,
+                is_causal=False,
             )
             rows.count_forward()
             hidden = out.last_hidden_state.reshape(rows.size, block_size, row_len, -1)

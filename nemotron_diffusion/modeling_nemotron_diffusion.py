@@ -210,7 +210,8 @@ class NemotronDiffusionModel(NemotronDiffusionPreTrainedModel):
         # graphs) is written past its length and rolled back after the call, the stale slots being masked out.
         static_read_only = read_only and is_static_cache(cache)
         layer_cache = ReadOnlyCache(cache) if read_only and not static_read_only else cache
-        with _backend_for_custom_masks(self.config, mask_function is not None):
+        prebuilt_pattern = getattr(attention_mask, "ndim", 2) == 4 or type(attention_mask).__name__ == "BlockMask"
+        with _backend_for_custom_masks(self.config, mask_function is not None or prebuilt_pattern):
             output = self._layers_forward(
                 inputs_embeds, attention_mask, position_ids, layer_cache, cache, use_cache, is_causal, mask_function,
                 **kwargs,
@@ -219,23 +220,32 @@ class NemotronDiffusionModel(NemotronDiffusionPreTrainedModel):
             rewind_cache(cache, inputs_embeds.shape[1])
         return output
 
+    def build_attention_mask(self, inputs_embeds, attention_mask, cache, position_ids, is_causal, mask_function=None):
+        """The attention mask of a call in the configured backend's format (a 4-D mask, a BlockMask, a padding mask
+        or None). Only the shape, dtype and device of `inputs_embeds` [B, Q, *] are used. A mask built ahead of a
+        compiled call can be passed as `attention_mask` (4-D masks pass through), which keeps a per-call
+        `mask_function` closure out of the compiled graph."""
+        # The mask builders take the cache positionally: its keyword was renamed in transformers 5.24.
+        if mask_function is not None:
+            # bidirectional AND mask_function == mask_function, with padding applied by the mask interface; in
+            # sdpa's format when FlashAttention is configured, since such calls run on sdpa (see forward).
+            with _backend_for_custom_masks(self.config, True):
+                return create_bidirectional_mask(
+                    self.config, inputs_embeds, attention_mask, None, cache, and_mask_function=mask_function
+                )
+        if is_causal:
+            return create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
+        return create_bidirectional_mask(self.config, inputs_embeds, attention_mask, None, cache)
+
     def _layers_forward(
         self, inputs_embeds, attention_mask, position_ids, layer_cache, cache, use_cache, is_causal, mask_function,
         **kwargs,
     ):
-        # The mask builders take the cache positionally: its keyword was renamed in transformers 5.24.
+        attention_mask = self.build_attention_mask(
+            inputs_embeds, attention_mask, layer_cache, position_ids, is_causal, mask_function
+        )
         if mask_function is not None:
-            # bidirectional AND mask_function == mask_function, with padding applied by the mask interface.
-            attention_mask = create_bidirectional_mask(
-                self.config, inputs_embeds, attention_mask, None, layer_cache, and_mask_function=mask_function
-            )
             is_causal = False
-        elif is_causal:
-            attention_mask = create_causal_mask(
-                self.config, inputs_embeds, attention_mask, layer_cache, position_ids=position_ids
-            )
-        else:
-            attention_mask = create_bidirectional_mask(self.config, inputs_embeds, attention_mask, None, layer_cache)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)

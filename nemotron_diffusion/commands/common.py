@@ -1,68 +1,307 @@
-"""Pieces the subcommands share: loading a model folder, building a prompt, reading mode flags."""
+"""Pieces the subcommands share: finding and loading a model folder, decoding settings from flags, prompts, stats."""
 
+import argparse
+import contextlib
 import os
+import re
+import sys
+from dataclasses import dataclass
 
 from ..cli import UserError
 from ..generation_nemotron_diffusion import DECODE_MODES
 
 
+SPEC_MODES = ("linear_spec", "quadratic_spec")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# ------------------------------------------------------------------------------------------- flag value types
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def threshold(text):
+    """A confidence threshold in (0, 1], or `none` (diffusion: one slot per step; LinearSpec: one-forward drafts)."""
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or 'none', got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or 'none', got {text!r}")
+    return value
+
+
+def temperature(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0 = greedy), got {text!r}")
+    return value
+
+
+_UNSET = object()
+
+
+# ------------------------------------------------------------------------------------------------- arguments
 def add_model_arguments(parser):
-    parser.add_argument("--model", "-m", default=None, help="model folder (ours or NVIDIA's layout)")
+    parser.add_argument(
+        "--model", "-m", default=None,
+        help="model folder (ours or NVIDIA's layout) or Hub id; default: the demo model (nemotron_diffusion.demo)",
+    )
+    parser.add_argument(
+        "--drafter", default="auto", metavar="PATH",
+        help="a PEFT LoRA drafter folder for linear_spec drafts, or 'none' (default 'auto': the demo model's drafter, "
+        "or a drafter subfolder of --model such as NVIDIA's linear_spec_lora/)",
+    )
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if available)")
+    parser.add_argument(
+        "--device", default=None,
+        help="torch device (cpu, cuda, cuda:1, ...) or 'auto' to spread the model over the GPUs with "
+        "device_map='auto' (default: cuda if available, else cpu)",
+    )
 
 
 def add_mode_arguments(parser):
-    parser.add_argument("--mode", default="ar", choices=DECODE_MODES, help="decoding mode (default: ar)")
-    parser.add_argument("--block-size", type=int, default=None, help="block / draft size")
-    parser.add_argument("--threshold", type=float, default=None, help="confidence_threshold")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument(
+        "--mode", default=None, choices=DECODE_MODES,
+        help="decoding mode (default: the model's generation_config.json, else ar)",
+    )
+    parser.add_argument("--block-size", type=positive_int, default=None, help="slots per diffusion block / draft")
+    parser.add_argument(
+        "--threshold", type=threshold, default=_UNSET, metavar="T",
+        help="confidence_threshold in (0, 1], or 'none' (default: 0.9 in diffusion, none in the spec modes)",
+    )
+    parser.add_argument(
+        "--temperature", type=temperature, default=None,
+        help="0 = greedy; > 0 samples at this temperature (default: the model's generation config: greedy unless "
+        "it sets do_sample)",
+    )
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256)
+    parser.add_argument("--seed", type=int, default=None, help="random seed (for sampling)")
 
 
-def load_model(args):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# ------------------------------------------------------------------------------------------ decoding settings
+@dataclass
+class Settings:
+    """The decoding settings of a command (a chat changes them between turns). `None` = the model's default."""
 
-    import nemotron_diffusion  # noqa: F401  (registers the model type)
+    mode: str | None = None
+    block_size: int | None = None
+    threshold: object = _UNSET  # a float, None (explicitly none), or _UNSET
+    temperature: float | None = None
+    max_new_tokens: int = 256
 
-    path = args.model
-    if path is None:
-        raise UserError("no model given: pass --model FOLDER")
-    if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
-        raise UserError(f"--model {path!r} is not a model folder (no config.json there)")
-    dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot load --model {path!r}: {str(error).splitlines()[0]}") from error
-    return model, tokenizer
+    @classmethod
+    def from_args(cls, args):
+        return cls(args.mode, args.block_size, args.threshold, args.temperature, args.max_new_tokens)
+
+    def resolved_mode(self, model=None):
+        if self.mode is not None:
+            return self.mode
+        return getattr(getattr(model, "generation_config", None), "decode_mode", None) or "ar"
+
+    def check(self, mode):
+        """Combinations the flags allow one by one but the mode refuses, named by their flags."""
+        if mode in SPEC_MODES and self.block_size is not None and self.block_size < 2:
+            raise UserError(
+                f"--block-size {self.block_size} is too small for --mode {mode} (needs >= 2: a seed slot and a draft slot)"
+            )
+        if mode == "quadratic_spec" and self.threshold not in (_UNSET, None):
+            raise UserError(
+                f"--threshold {self.threshold} does not apply to --mode quadratic_spec (it drafts the next block in "
+                "the verify forward); leave it out"
+            )
+
+    def generate_kwargs(self, model=None):
+        mode = self.resolved_mode(model)
+        self.check(mode)
+        kwargs = dict(max_new_tokens=self.max_new_tokens)
+        if self.mode is not None:
+            kwargs["decode_mode"] = self.mode
+        if self.block_size is not None:
+            kwargs["block_size"] = self.block_size
+        if self.threshold is not _UNSET:
+            kwargs["confidence_threshold"] = self.threshold
+        if self.temperature is not None:
+            if self.temperature > 0:
+                kwargs.update(do_sample=True, temperature=self.temperature)
+            else:
+                kwargs["do_sample"] = False
+        return kwargs
+
+    def describe(self, model=None):
+        mode = self.resolved_mode(model)
+        parts = [f"mode={mode}"]
+        if self.block_size is not None:
+            parts.append(f"block_size={self.block_size}")
+        if self.threshold is not _UNSET:
+            parts.append(f"threshold={self.threshold}")
+        if self.temperature is not None:
+            parts.append(f"temperature={self.temperature}")
+        parts.append(f"max_new_tokens={self.max_new_tokens}")
+        return " ".join(parts)
 
 
 def generation_kwargs(args):
-    kwargs = dict(decode_mode=args.mode, max_new_tokens=args.max_new_tokens)
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.block_size is not None:
-        kwargs["block_size"] = args.block_size
-    if args.threshold is not None:
-        kwargs["confidence_threshold"] = args.threshold
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.temperature > 0:
-        kwargs.update(do_sample=True, temperature=args.temperature)
-    else:
-        kwargs["do_sample"] = False
-    return kwargs
+    """The `generate()` keyword arguments of the mode flags (`--mode`, `--block-size`, ...)."""
+    return Settings.from_args(args).generate_kwargs()
 
 
+# --------------------------------------------------------------------------------------------------- models
+def _demo_module():
+    try:
+        from .. import demo
+    except ImportError as error:
+        raise UserError(f"no model given: pass --model FOLDER (the demo model is not available: {error})") from error
+    return demo
+
+
+def default_model_path():
+    """The demo model folder (`nemotron_diffusion.demo.demo_path()`), imported only when no --model is given. What
+    the demo prints while it is built the first time goes to stderr, so stdout stays the generated text."""
+    demo = _demo_module()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            return os.fspath(demo.demo_path())
+    except Exception as error:  # the demo could not be built or found: report it as the reason, in one line
+        raise UserError(
+            f"no model given and the demo model is not available ({_first_line(error)}); pass --model FOLDER"
+        ) from error
+
+
+def resolve_model_path(path):
+    if path is None:
+        path = default_model_path()
+        print(f"nemotron-diffusion: using the demo model at {path}", file=sys.stderr)
+        return path
+    if os.path.exists(path):
+        if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
+            raise UserError(f"--model {path!r} is not a model folder (no config.json there)")
+        return path
+    if not _REPO_ID.match(path):
+        raise UserError(f"--model {path!r}: no such folder")
+    return path  # a Hub repo id
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_model(args):
+    """Model and tokenizer of `--model` (or the demo model) on `--device`, in eval mode."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .. import NemotronDiffusionConfig  # importing the package registers the model type
+
+    path = resolve_model_path(args.model)
+    dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "auto":
+        try:
+            device = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise UserError(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1, auto)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {args.device!r}: CUDA is not available on this machine")
+    errors = (OSError, ValueError, KeyError, RuntimeError, ImportError, TypeError)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except errors as error:
+        raise UserError(f"cannot load --model {path!r}: {_first_line(error)}") from error
+    if config.model_type != NemotronDiffusionConfig.model_type:
+        raise UserError(
+            f"--model {path!r} is a {config.model_type!r} model, not a tri-mode nemotron-diffusion model "
+            f"(model_type {NemotronDiffusionConfig.model_type!r})"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except errors as error:
+        raise UserError(f"cannot load the tokenizer of --model {path!r}: {_first_line(error)}") from error
+    try:
+        if device == "auto":
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto")
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    except errors as error:
+        raise UserError(f"cannot load --model {path!r}: {_first_line(error)}") from error
+    model = _attach_drafter(model, getattr(args, "drafter", "none"), path, demo=args.model is None)
+    return model.eval(), tokenizer
+
+
+def _drafter_folder(choice, path, demo):
+    """The drafter adapter folder for `--drafter` (None: no drafter)."""
+    if choice is None or choice.lower() == "none":
+        return None
+    if choice.lower() != "auto":
+        if not os.path.isfile(os.path.join(choice, "adapter_config.json")):
+            raise UserError(f"--drafter {choice!r} is not a PEFT adapter folder (no adapter_config.json there)")
+        return choice
+    if demo:
+        try:
+            return _demo_module().demo_drafter_path()
+        except Exception:  # a demo without its drafter still runs every mode
+            return None
+    from ..model_card import find_drafter_subfolder
+
+    subfolder = find_drafter_subfolder(path) if os.path.isdir(path) else None
+    return os.path.join(path, subfolder) if subfolder else None
+
+
+def _attach_drafter(model, choice, path, demo):
+    """Attaches the LoRA drafter with PEFT as adapter "drafter". generate() switches it on for linear_spec's
+    bidirectional draft forwards only; every other forward of every mode runs with the base weights."""
+    folder = _drafter_folder(choice, path, demo)
+    if folder is None:
+        return model
+    try:
+        from peft import PeftModel
+    except ImportError:
+        if choice.lower() == "auto":
+            print("nemotron-diffusion: peft is not installed, so the drafter is not attached", file=sys.stderr)
+            return model
+        raise UserError(f"--drafter {choice!r} needs peft: pip install peft") from None
+    try:
+        wrapped = PeftModel.from_pretrained(model, folder, adapter_name="drafter")
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as error:
+        raise UserError(f"cannot attach the drafter {folder!r}: {_first_line(error)}") from error
+    return wrapped.base_model.model  # the LoRA layers stay inside the model
+
+
+# -------------------------------------------------------------------------------------------------- prompts
 def encode_prompt(tokenizer, messages_or_text, raw=False):
-    """Chat template with a generation prompt when the tokenizer has one (and `raw` is off), else plain text."""
+    """`input_ids` and `attention_mask` [1, T]: the chat template with a generation prompt when the tokenizer has
+    one (and `raw` is off), else the plain text."""
     if isinstance(messages_or_text, str):
         if raw or not getattr(tokenizer, "chat_template", None):
-            return tokenizer(messages_or_text, return_tensors="pt").input_ids
+            return dict(tokenizer(messages_or_text, return_tensors="pt"))
         messages_or_text = [{"role": "user", "content": messages_or_text}]
     text = tokenizer.apply_chat_template(messages_or_text, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    return dict(tokenizer(text, return_tensors="pt", add_special_tokens=False))
+
+
+# ---------------------------------------------------------------------------------------------------- stats
+def format_stats(mode, output, new_tokens, seconds):
+    """One line: tokens, forwards, tokens per forward, speed, and the mean acceptance of the speculative modes."""
+    forwards = int(output.num_forwards[0]) if getattr(output, "num_forwards", None) is not None else None
+    line = f"[{mode}] {new_tokens} new tokens"
+    if forwards is not None:
+        line += f", {forwards} forwards, {new_tokens / max(forwards, 1):.2f} tokens/forward"
+    line += f", {new_tokens / max(seconds, 1e-9):.1f} tok/s ({seconds:.2f} s)"
+    lengths = getattr(output, "acceptance_lengths", None)
+    if lengths is not None:
+        cycles = lengths[0][lengths[0] > 0]
+        if len(cycles):
+            line += f", {float(cycles.float().mean()):.2f} tokens/cycle over {len(cycles)} cycles"
+    return line

@@ -1,0 +1,9 @@
+"""`python -m nemotron_diffusion ...` runs the `nemotron-diffusion` command line."""
+
+import sys
+
+from .cli import main
+
+
+if __name__ == "__main__":
+    sys.exit(main())

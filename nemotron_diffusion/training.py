@@ -1,0 +1,583 @@
+# Copyright 2026 The nemotron-diffusion authors. Licensed under the Apache License, Version 2.0.
+"""The joint-training recipe: data, collators, losses and an HF `Trainer` for tri-mode models.
+
+Two targets:
+
+* **full** — the whole model learns the joint AR + diffusion objective of `config.dlm_paradigm` (`block_diff` by
+  default: the doubled `[x_t | x_0]` sequence, diffusion loss on the noisy half plus `ar_loss_weight` times the AR
+  loss on the clean half; nld-reference.md §6). `JointCollator` draws the noise (t per sequence, each target masked
+  with p = (1 - eps) t + eps) so batches are reproducible, and the model's own `forward(labels=...)` computes the loss.
+* **drafter** — a PEFT LoRA adapter is trained with the diffusion objective only, the base frozen. The loss is
+  computed on exactly the forward LinearSpec drafts with: the prefix goes through the *base* model causally (adapter
+  off, no gradient; that is the cache a real draft reads), then blocks `[seed, mask x (B-1)]` at their true
+  positions attend bidirectionally to the cached prefix before their seed and to their own block, adapter on. Each
+  mask slot is trained towards the base model's own next-token distribution at that position (self-distillation,
+  KL(p_AR || q_draft)), which on the base model's greedy continuations is exactly what the verifier accepts. The AR
+  verifier is the unchanged base, so self-speculation stays exactly lossless w.r.t. the base model.
+
+Both targets report a held-out diffusion loss and the draft acceptance (mean accepted drafts per LinearSpec block
+under greedy verification, measured teacher-forced on held-out sequences).
+
+Tooling beside the model files: this module imports them, never the other way round.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import json
+import math
+import random
+import sysconfig
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .generation_nemotron_diffusion import _adapters_for_drafting
+from .modeling_nemotron_diffusion import _CACHE_FIELD
+
+
+IGNORE_INDEX = -100
+TARGETS = ("full", "drafter")
+_SKIPPED_STDLIB_DIRS = (
+    "test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "lib2to3", "pydoc_data", "encodings",
+    "turtledemo", "ensurepip", "config-3", "venv",
+)
+
+
+# ============================================================================================================ data
+def stdlib_files(split: str = "train", heldout_every: int = 20) -> list[Path]:
+    """The CPython standard-library sources of the running interpreter (every machine has them), split by a hash
+    of the relative path: one file in `heldout_every` is held out."""
+    if split not in ("train", "heldout", "all"):
+        raise ValueError(f"split={split!r} is invalid; allowed: 'train', 'heldout', 'all'")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if any(part in _SKIPPED_STDLIB_DIRS or part.startswith("config-") for part in rel.parts[:-1]):
+            continue
+        heldout = zlib.crc32(str(rel).encode()) % heldout_every == 0
+        if split == "all" or (split == "heldout") == heldout:
+            files.append(path)
+    return files
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return ""
+
+
+def text_windows(tokenizer, files: Sequence[Path], seq_len: int, max_windows: int | None = None) -> list[list[int]]:
+    """Consecutive `seq_len`-token windows of the files' text (each file tokenized on its own)."""
+    windows = []
+    for path in files:
+        ids = tokenizer(_read(path), add_special_tokens=False).input_ids
+        for start in range(0, len(ids) - seq_len + 1, seq_len):
+            windows.append(ids[start : start + seq_len])
+            if max_windows is not None and len(windows) >= max_windows:
+                return windows
+    return windows
+
+
+def _functions(source: str):
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    lines = source.splitlines()
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("__"):
+            doc = ast.get_docstring(node)
+            body = lines[node.lineno - 1 : (node.end_lineno or node.lineno)]
+            if doc and 2 <= len(body) <= 40:
+                found.append((node.name, doc.strip().splitlines()[0], "\n".join(body)))
+    return found
+
+
+def stdlib_prompts(tokenizer, files: Sequence[Path], seed: int = 0, raw_share: float = 0.25,
+                   raw_tokens: int = 96, limit: int | None = None) -> list[list[int]]:
+    """Prompts built from the standard library for self-distillation: chat requests (write / explain / complete a
+    function of the stdlib, through the tokenizer's chat template) and, for `raw_share` of them, plain code windows
+    to continue. Returns token id lists, shuffled with `seed`."""
+    rng = random.Random(seed)
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    prompts = []
+    for path in files:
+        source = _read(path)
+        for name, summary, body in _functions(source):
+            kind = rng.choice(("write", "explain", "complete", "write"))
+            if kind == "write":
+                text = f"Write a Python function `{name}` that does the following: {summary}"
+            elif kind == "explain":
+                text = f"Explain what this Python function does:\n```python\n{body}\n```"
+            else:
+                head = "\n".join(body.splitlines()[: max(2, len(body.splitlines()) // 2)])
+                text = f"Complete this Python code:\n```python\n{head}\n```"
+            if chat:
+                rendered = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+                )
+                prompts.append(tokenizer(rendered, add_special_tokens=False).input_ids)
+            else:
+                prompts.append(tokenizer(text, add_special_tokens=False).input_ids)
+    raw = []
+    n_raw = int(len(prompts) * raw_share / max(1e-9, 1 - raw_share))
+    windows = text_windows(tokenizer, files, raw_tokens)
+    rng.shuffle(windows)
+    raw = windows[:n_raw]
+    prompts = [p for p in prompts if len(p) <= 512] + raw
+    rng.shuffle(prompts)
+    return prompts[:limit] if limit is not None else prompts
+
+
+@torch.no_grad()
+def distill_sequences(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 192, batch_size: int = 16,
+                      pad_token_id: int = 0, progress: bool = True) -> list[dict]:
+    """The base model's own greedy continuations of `prompts` (AR mode, adapters off), cut after the first EOS.
+
+    Returns `{"input_ids": prompt + continuation, "prompt_length": len(prompt)}` records. On these sequences every
+    continuation token is the greedy AR token given its prefix, so any block in the continuation is exactly what a
+    greedy verifier accepts."""
+    core = unwrap_model(model)
+    eos = core.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    device = next(core.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    records = [None] * len(prompts)
+    bar = _progress(total=len(prompts), desc="self-distillation", enabled=progress)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]):] = 1
+        out = core.generate(
+            ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
+            decode_mode="ar", pad_token_id=pad_token_id,
+        )
+        for row, i in enumerate(chunk):
+            new = out[row, width:].tolist()
+            for j, token in enumerate(new):
+                if token in eos_ids:
+                    new = new[: j + 1]
+                    break
+            records[i] = {"input_ids": list(prompts[i]) + new, "prompt_length": len(prompts[i])}
+        bar.update(len(chunk))
+    bar.close()
+    return records
+
+
+def save_records(records, path):
+    with open(path, "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+def load_records(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class RecordDataset(torch.utils.data.Dataset):
+    """A list of `{"input_ids": [...], ...}` records as a map-style dataset."""
+
+    def __init__(self, records):
+        self.records = [r if isinstance(r, dict) else {"input_ids": list(r)} for r in records]
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        return self.records[index]
+
+
+def _progress(total, desc, enabled=True):
+    try:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, disable=not enabled)
+    except ImportError:  # pragma: no cover
+        class _Null:
+            def update(self, n):
+                pass
+
+            def close(self):
+                pass
+
+        return _Null()
+
+
+# ====================================================================================================== collators
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _pad_right(sequences, pad_id, width=None):
+    width = width or max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        seq = list(seq)[:width]
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return ids
+
+
+class JointCollator:
+    """HF-Trainer-compatible collator for the `full` target (any `dlm_paradigm`).
+
+    Each example is `{"input_ids": [...]}` (optionally `"labels"`, or `"prompt_length"`: prompt tokens get label
+    -100 and are never masked). Sequences are right-padded (or cut) to `max_length`; padding gets label -100 and
+    attention 0. The diffusion noise is drawn here, from this collator's own generator: per sequence t ~ U(0, 1),
+    p = (1 - eps) t + eps, and each target position (label != -100) is masked with probability p. The batch holds
+    `input_ids`, `attention_mask`, `labels`, `masked_indices` and `p_mask`, which the model's `forward` takes as they
+    are (`block_diff`: the masked positions of the noisy half; `autoregressive` ignores the noise)."""
+
+    def __init__(self, pad_token_id: int, max_length: int | None = None, eps: float = 1e-3, seed: int | None = None,
+                 mask_prompt: bool = True):
+        _check_int("pad_token_id", pad_token_id, 0)
+        if max_length is not None:
+            _check_int("max_length", max_length, 2)
+        if not 0 <= eps < 1:
+            raise ValueError(f"eps must be in [0, 1), got {eps}")
+        self.pad_token_id, self.max_length, self.eps, self.mask_prompt = pad_token_id, max_length, eps, mask_prompt
+        self.generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**63)
+
+    def __call__(self, examples):
+        if not examples:
+            raise ValueError("examples must be a non-empty list")
+        sequences = [list(e["input_ids"]) for e in examples]
+        width = self.max_length or max(len(s) for s in sequences)
+        input_ids = _pad_right(sequences, self.pad_token_id, width)
+        lengths = torch.tensor([min(len(s), width) for s in sequences])
+        attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        if "labels" in examples[0]:
+            labels = _pad_right([e["labels"] for e in examples], IGNORE_INDEX, width)
+            labels = torch.where(attention_mask.bool(), labels, IGNORE_INDEX)
+        else:
+            labels = torch.where(attention_mask.bool(), input_ids, IGNORE_INDEX)
+            if self.mask_prompt:
+                for row, e in enumerate(examples):
+                    labels[row, : int(e.get("prompt_length", 0))] = IGNORE_INDEX
+        t = torch.rand(len(examples), 1, generator=self.generator)
+        p_mask = ((1 - self.eps) * t + self.eps).expand(-1, width).contiguous()
+        masked = (torch.rand(input_ids.shape, generator=self.generator) < p_mask) & (labels != IGNORE_INDEX)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "masked_indices": masked,
+            "p_mask": p_mask,
+        }
+
+
+class DrafterCollator:
+    """HF-Trainer-compatible collator for the `drafter` target (and the acceptance metric).
+
+    Each example is `{"input_ids": [...], "prompt_length": P}` (P defaults to 0). Per sequence it draws up to
+    `blocks_per_sequence` distinct draft positions c with P - 1 <= c <= len - 2: the block `[x_c, mask x (B-1)]`
+    drafts the tokens c+1 .. c+B-1 that follow the seed x_c (slots past the end of the sequence are ignored).
+    Returns right-padded `input_ids`, `lengths` and `block_starts` [batch, K] (-1 = no block)."""
+
+    def __init__(self, pad_token_id: int, block_size: int = 16, blocks_per_sequence: int = 8,
+                 max_length: int | None = None, seed: int | None = None):
+        _check_int("pad_token_id", pad_token_id, 0)
+        _check_int("block_size", block_size, 2)
+        _check_int("blocks_per_sequence", blocks_per_sequence, 1)
+        if max_length is not None:
+            _check_int("max_length", max_length, 2)
+        self.pad_token_id, self.block_size, self.blocks = pad_token_id, block_size, blocks_per_sequence
+        self.max_length = max_length
+        self.rng = random.Random(seed)
+
+    def __call__(self, examples):
+        if not examples:
+            raise ValueError("examples must be a non-empty list")
+        sequences = [list(e["input_ids"])[: self.max_length] if self.max_length else list(e["input_ids"]) for e in examples]
+        input_ids = _pad_right(sequences, self.pad_token_id)
+        starts = torch.full((len(examples), self.blocks), -1, dtype=torch.long)
+        for row, (e, seq) in enumerate(zip(examples, sequences)):
+            low = max(int(e.get("prompt_length", 0)) - 1, 0)
+            candidates = list(range(low, len(seq) - 1))
+            chosen = sorted(self.rng.sample(candidates, min(self.blocks, len(candidates))))
+            starts[row, : len(chosen)] = torch.tensor(chosen, dtype=torch.long)
+        return {"input_ids": input_ids, "lengths": torch.tensor([len(s) for s in sequences]), "block_starts": starts}
+
+
+# ========================================================================================================= losses
+def unwrap_model(model):
+    """The `NemotronDiffusionForCausalLM` inside a PeftModel (its LoRA layers stay in place) or the model itself."""
+    from .modeling_nemotron_diffusion import NemotronDiffusionForCausalLM
+
+    current = model.get_base_model() if hasattr(model, "get_base_model") else model
+    current = getattr(current, "module", current)  # DataParallel / DDP
+    if isinstance(current, NemotronDiffusionForCausalLM):
+        return current
+    raise TypeError(f"model must be a NemotronDiffusionForCausalLM or a PeftModel around one, got {type(model).__name__}")
+
+
+def draft_block_mask_function(cache_length: int, block_size: int, block_starts: torch.Tensor):
+    """Attention rules of the drafter layout `[cache of the sequence (0..T-1) | K blocks of B slots (T..)]`.
+
+    A slot of block k (seed position c_k) sees the cached keys before its seed (kv < c_k) and every slot of its own
+    block: what a LinearSpec draft forward over `[seed, masks]` on top of a prefix cache of length c_k sees."""
+    starts = block_starts.clamp(min=0)
+
+    def mask(batch_idx, head_idx, q_idx, kv_idx):
+        block = (q_idx - cache_length) // block_size  # query slots are absolute: the blocks start at T
+        in_cache = kv_idx < cache_length
+        sees_prefix = in_cache & (kv_idx < starts[batch_idx, block])
+        same_block = ~in_cache & ((kv_idx - cache_length) // block_size == block)
+        return sees_prefix | same_block
+
+    return mask
+
+
+@dataclass
+class DrafterOutput:
+    loss: torch.Tensor
+    kl: torch.Tensor
+    ce: torch.Tensor
+    num_targets: torch.Tensor
+    accepted: torch.Tensor  # [num_blocks] accepted drafts per valid block (greedy, teacher-forced)
+    slot_hits: torch.Tensor  # [B-1] correct drafts per slot (among valid blocks)
+    num_blocks: torch.Tensor
+
+
+def drafter_loss(model, batch, block_size: int, use_adapter: bool = True, temperature: float = 1.0,
+                 hard_weight: float = 0.0) -> DrafterOutput:
+    """Self-distillation loss of the drafter on the LinearSpec draft layout (see the module docstring).
+
+    `use_adapter=True`: the teacher pass runs with every adapter off, the draft pass with the adapters on (the
+    drafter target); `False`: both run with the model as it is (the full target, or the base as its own drafter).
+    loss = KL(p_teacher || q_draft) per target slot (teacher at temperature `temperature`), averaged over target
+    slots, plus `hard_weight` times the cross-entropy on the teacher's greedy token."""
+    core = unwrap_model(model)
+    mask_id = core.config.mask_token_id
+    input_ids, starts = batch["input_ids"], batch["block_starts"]
+    lengths = batch.get("lengths")
+    device = next(core.parameters()).device
+    input_ids, starts = input_ids.to(device), starts.to(device)
+    batch_size, length = input_ids.shape
+    if lengths is None:
+        lengths = torch.full((batch_size,), length, dtype=torch.long)
+    lengths = lengths.to(device)
+    num_blocks = starts.shape[1]
+    slots = torch.arange(block_size, device=device)
+
+    toggles = _adapters_for_drafting(core, None) if use_adapter else contextlib.nullcontext(lambda on: None)
+    with toggles as set_drafting:
+        set_drafting(False)
+        with torch.no_grad():
+            teacher = core.encoder(input_ids=input_ids, use_cache=True, is_causal=True)
+            cache = getattr(teacher, _CACHE_FIELD)
+            # Target slot i (1..B-1) of a block at c predicts position c+i; the causal logit at c+i-1 is its teacher.
+            target_pos = starts[:, :, None] + slots[None, None, 1:]  # [b, K, B-1]
+            valid = (starts[:, :, None] >= 0) & (target_pos < lengths[:, None, None])
+            gather = (target_pos - 1).clamp(min=0, max=length - 1)
+            hidden = teacher.last_hidden_state
+            teacher_hidden = hidden.gather(1, gather.reshape(batch_size, -1, 1).expand(-1, -1, hidden.shape[-1]))
+            teacher_logits = core.diffusion_head(teacher_hidden).float().reshape(batch_size, num_blocks, block_size - 1, -1)
+            teacher_logits[..., mask_id] = -math.inf
+            greedy = teacher_logits.argmax(-1)
+            data_next = input_ids.gather(1, target_pos.clamp(max=length - 1).reshape(batch_size, -1)).reshape(greedy.shape)
+
+        block_ids = torch.full((batch_size, num_blocks, block_size), mask_id, dtype=torch.long, device=device)
+        block_ids[:, :, 0] = input_ids.gather(1, starts.clamp(min=0))
+        positions = starts.clamp(min=0)[:, :, None] + slots[None, None, :]
+        set_drafting(True)
+        draft = core.encoder(
+            input_ids=block_ids.reshape(batch_size, -1),
+            position_ids=positions.reshape(batch_size, -1),
+            cache=cache,
+            use_cache=True,
+            update_cache=False,
+            is_causal=False,
+            mask_function=draft_block_mask_function(length, block_size, starts),
+        )
+        draft_hidden = draft.last_hidden_state.reshape(batch_size, num_blocks, block_size, -1)[:, :, 1:]
+        draft_logits = core.diffusion_head(draft_hidden).float()
+        set_drafting(False)
+
+    draft_logits = draft_logits.masked_fill(
+        torch.arange(draft_logits.shape[-1], device=device) == mask_id, torch.finfo(torch.float32).min
+    )
+    log_q = F.log_softmax(draft_logits[valid], dim=-1)
+    p_logits = teacher_logits[valid] / temperature
+    log_p = F.log_softmax(p_logits, dim=-1)
+    p = log_p.exp()
+    kl_per = (p * (log_p.masked_fill(p == 0, 0) - log_q)).sum(-1)
+    ce_per = F.nll_loss(log_q, greedy[valid], reduction="none")
+    count = valid.sum()
+    kl = kl_per.sum() / count.clamp(min=1)
+    ce = ce_per.sum() / count.clamp(min=1)
+    loss = kl + hard_weight * ce
+
+    with torch.no_grad():
+        drafts = draft_logits.argmax(-1)
+        # A draft is accepted by a greedy verifier iff it equals the greedy token; the run continues only while the
+        # data also follows the greedy path (always, on self-distilled sequences).
+        hit = (drafts == greedy) & (data_next == greedy) & valid
+        run = torch.cumprod(hit.long(), dim=-1).sum(-1)  # [b, K]
+        block_valid = starts >= 0
+        accepted = run[block_valid].float()
+        full = block_valid[:, :, None] & valid
+        slot_hits = (torch.cumprod(hit.long(), dim=-1) * full).sum((0, 1)).float()
+    return DrafterOutput(loss, kl.detach(), ce.detach(), count, accepted, slot_hits, block_valid.sum())
+
+
+# ======================================================================================================== trainer
+def _trainer_class():
+    from transformers import Trainer
+
+    class TriModeTrainer(Trainer):
+        """`transformers.Trainer` for both targets.
+
+        `target="full"`: the model's own joint loss on `JointCollator` batches. `target="drafter"`: `drafter_loss`
+        on `DrafterCollator` batches (the model should be a PeftModel; only its adapter is trained and saved).
+        `evaluate()` reports `eval_loss` (held-out diffusion loss: the model's diffusion loss for `full`, the draft
+        KL for `drafter`), `eval_acceptance` (mean accepted drafts per LinearSpec block, greedy) and
+        `eval_tokens_per_cycle` (= acceptance + 1), measured with `acceptance_block_size` blocks on
+        `acceptance_dataset` (records with `prompt_length`; default: the eval dataset)."""
+
+        def __init__(self, *args, target="drafter", block_size=16, acceptance_dataset=None,
+                     acceptance_block_size=None, kl_temperature=1.0, hard_weight=0.0, **kwargs):
+            if target not in TARGETS:
+                raise ValueError(f"target={target!r} is invalid; allowed: {TARGETS}")
+            super().__init__(*args, **kwargs)
+            self.target, self.block_size = target, block_size
+            self.acceptance_dataset = acceptance_dataset
+            self.acceptance_block_size = acceptance_block_size or block_size
+            self.kl_temperature, self.hard_weight = kl_temperature, hard_weight
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.target == "drafter":
+                out = drafter_loss(model, inputs, self.block_size, use_adapter=True,
+                                   temperature=self.kl_temperature, hard_weight=self.hard_weight)
+                return (out.loss, out) if return_outputs else out.loss
+            outputs = model(**inputs)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+            metrics = evaluate_model(
+                self.model, dataset, target=self.target, block_size=self.block_size,
+                batch_size=self.args.per_device_eval_batch_size, collator=self.data_collator,
+                acceptance_dataset=self.acceptance_dataset, acceptance_block_size=self.acceptance_block_size,
+            )
+            metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+            metrics["epoch"] = self.state.epoch
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
+    return TriModeTrainer
+
+
+def __getattr__(name):
+    if name == "TriModeTrainer":  # built lazily: importing this module does not import the Trainer stack
+        return _trainer_class()
+    raise AttributeError(name)
+
+
+@torch.no_grad()
+def evaluate_model(model, dataset, target="drafter", block_size=16, batch_size=4, collator=None,
+                   acceptance_dataset=None, acceptance_block_size=None, max_batches=None, seed=1234) -> dict:
+    """Held-out metrics: `loss` (diffusion loss: the model's for `full`, draft KL for `drafter`), `acceptance` and
+    `tokens_per_cycle` (greedy LinearSpec, teacher-forced, on `acceptance_dataset` or `dataset`)."""
+    core = unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    metrics = {}
+    losses, weights = 0.0, 0
+    if target == "full":
+        collate = collator or JointCollator(core.config.pad_token_id or 0, seed=seed)
+        for i, start in enumerate(range(0, len(dataset), batch_size)):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = collate([dataset[j] for j in range(start, min(start + batch_size, len(dataset)))])
+            batch = {k: v.to(next(core.parameters()).device) for k, v in batch.items()}
+            out = model(**batch)
+            n = int(out.num_masked_tokens) if out.num_masked_tokens is not None else 1
+            value = out.diffusion_loss if out.diffusion_loss is not None else out.loss
+            losses += float(value) * n
+            weights += n
+        metrics["loss"] = losses / max(weights, 1)
+    accept_data = acceptance_dataset if acceptance_dataset is not None else dataset
+    b = acceptance_block_size or block_size
+    draft_collate = DrafterCollator(core.config.pad_token_id or 0, block_size=b, blocks_per_sequence=8, seed=seed)
+    accepted, kl_sum, kl_count = [], 0.0, 0
+    slot_hits = torch.zeros(b - 1)
+    for i, start in enumerate(range(0, len(accept_data), batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        records = [accept_data[j] for j in range(start, min(start + batch_size, len(accept_data)))]
+        out = drafter_loss(model, draft_collate(records), b, use_adapter=(target == "drafter"))
+        accepted.append(out.accepted.cpu())
+        kl_sum += float(out.kl) * int(out.num_targets)
+        kl_count += int(out.num_targets)
+        slot_hits += out.slot_hits.cpu()
+    if accepted:
+        accepted = torch.cat(accepted)
+        metrics["acceptance"] = float(accepted.mean())
+        metrics["tokens_per_cycle"] = float(accepted.mean()) + 1.0
+        metrics["draft_kl"] = kl_sum / max(kl_count, 1)
+        if target == "drafter":
+            metrics["loss"] = metrics["draft_kl"]
+        metrics["slot1_accept_rate"] = float(slot_hits[0] / max(len(accepted), 1))
+    if was_training:
+        model.train()
+    return metrics
+
+
+# ================================================================================================ model preparation
+def add_drafter_adapter(model, r: int = 16, alpha: int | None = None, target_modules=("q_proj", "k_proj", "v_proj",
+                        "o_proj", "gate_proj", "up_proj", "down_proj"), train_mask_embedding: bool = True,
+                        adapter_name: str = "default"):
+    """Wraps `model` in a PeftModel with a LoRA drafter (base frozen). With `train_mask_embedding`, the mask
+    token's embedding row is trained too (PEFT trainable tokens, part of the adapter and switched with it)."""
+    from peft import LoraConfig, get_peft_model
+
+    _check_int("r", r, 1)
+    if not target_modules:
+        raise ValueError("target_modules must name at least one module (e.g. 'o_proj')")
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha if alpha is not None else 2 * r,
+        lora_dropout=0.0,
+        target_modules=list(target_modules),
+        bias="none",
+        trainable_token_indices={"embed_tokens": [model.config.mask_token_id]} if train_mask_embedding else None,
+    )
+    return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+__all__ = [
+    "DrafterCollator",
+    "DrafterOutput",
+    "JointCollator",
+    "RecordDataset",
+    "TARGETS",
+    "add_drafter_adapter",
+    "distill_sequences",
+    "draft_block_mask_function",
+    "drafter_loss",
+    "evaluate_model",
+    "load_records",
+    "save_records",
+    "stdlib_files",
+    "stdlib_prompts",
+    "text_windows",
+    "unwrap_model",
+]
