@@ -42,7 +42,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
     TypicalLogitsWarper,
 )
-from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .cache_nemotron_diffusion import (
@@ -56,8 +56,8 @@ from .cache_nemotron_diffusion import (
 
 DECODE_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 
-# Generation-config fields of this package, with their defaults. A `None` default that depends on the mode is
-# resolved by `_mode_default` (block size 16 for QuadraticSpec, whose forward carries B*(B+1) query tokens).
+# Generation-config fields of this package, with their defaults. `block_size` and `confidence_threshold` default
+# per mode (`_MODE_DEFAULTS`; block size 16 for QuadraticSpec, whose forward carries B*(B+1) query tokens).
 GENERATION_FIELDS = {
     # Which decoding loop runs: one of DECODE_MODES.
     "decode_mode": "ar",
@@ -241,9 +241,11 @@ def _speculative_accept(draft, target_scores, draft_probs, do_sample):
     # The token after the accepted drafts: residual sample at a rejection, bonus sample of p_K otherwise.
     at = accepted.clamp(max=k)
     p_at = p[rows, at]
-    residual = torch.where(
-        (accepted < k)[:, None], (p_at - q[rows, at.clamp(max=k - 1)]).clamp(min=0), p_at
-    ) if k > 0 else p_at
+    residual = (
+        torch.where((accepted < k)[:, None], (p_at - q[rows, at.clamp(max=k - 1)]).clamp(min=0), p_at)
+        if k > 0
+        else p_at
+    )
     mass = residual.sum(-1, keepdim=True)
     # A zero residual mass only happens when p == q (rejection then has probability 0); fall back to p.
     residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p_at)
@@ -273,7 +275,9 @@ def _adapters_for_drafting(model, adapter_name):
         for layer in layers:
             known.update(getattr(layer, "lora_A", {}).keys())
         if adapter_name not in known:
-            raise ValueError(f"drafter_adapter={adapter_name!r} is not an adapter of this model; found {sorted(known)}.")
+            raise ValueError(
+                f"drafter_adapter={adapter_name!r} is not an adapter of this model; found {sorted(known)}."
+            )
 
     def set_drafting(drafting: bool):
         for layer, _, active in saved:
@@ -326,7 +330,9 @@ class _Rows:
         self.streamer = streamer
         eos = [c.eos_token_id for c in stopping_criteria if isinstance(c, EosTokenCriteria)]
         self.eos_token_ids = eos[0] if eos else None
-        self.only_simple_criteria = all(isinstance(c, (EosTokenCriteria, MaxLengthCriteria)) for c in stopping_criteria)
+        self.only_simple_criteria = all(
+            isinstance(c, (EosTokenCriteria, MaxLengthCriteria)) for c in stopping_criteria
+        )
 
     # -- views of the live batch -----------------------------------------------------------------------------
     @property
@@ -539,7 +545,14 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             return super().generate(*args, **kwargs)
 
     def _sample(
-        self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False, streamer=None, **model_kwargs
+        self,
+        input_ids,
+        logits_processor,
+        stopping_criteria,
+        generation_config,
+        synced_gpus=False,
+        streamer=None,
+        **model_kwargs,
     ):
         mode = generation_config.decode_mode
         logits_processor = LogitsProcessorList(list(logits_processor))
@@ -551,10 +564,18 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             )
         if mode == "ar":
             return self._ar_decode(
-                input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer, **model_kwargs
+                input_ids,
+                logits_processor,
+                stopping_criteria,
+                generation_config,
+                synced_gpus,
+                streamer,
+                **model_kwargs,
             )
         if model_kwargs.get("inputs_embeds") is not None:
-            raise ValueError(f"decode_mode={mode!r} needs `input_ids` (mask tokens are appended to them), not `inputs_embeds`.")
+            raise ValueError(
+                f"decode_mode={mode!r} needs `input_ids` (mask tokens are appended to them), not `inputs_embeds`."
+            )
         cache = _cache_from(model_kwargs)
         if getattr(cache, "_is_user_defined", False):
             raise ValueError(f"decode_mode={mode!r} does not take a user-supplied cache (`past_key_values`).")
@@ -606,7 +627,9 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         room = committed + block * (block + 1) + 2 * block
         return StaticCache(config=self.config, max_cache_len=room)
 
-    def _ar_decode(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer, **model_kwargs):
+    def _ar_decode(
+        self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer, **model_kwargs
+    ):
         out = super()._sample(
             input_ids,
             logits_processor=logits_processor,
@@ -666,7 +689,9 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         """The AR token that follows each live row: processors with the exact prefix, then argmax or sample."""
         if exclude_mask:
             logits = _exclude_token(logits, self.config.mask_token_id)
-        scores = _process_block(logits_processor, rows, torch.empty(rows.size, 0, dtype=torch.long, device=logits.device), logits[:, None])[:, 0]
+        scores = _process_block(
+            logits_processor, rows, torch.empty(rows.size, 0, dtype=torch.long, device=logits.device), logits[:, None]
+        )[:, 0]
         return _sample_or_argmax(scores, generation_config.do_sample)
 
     # ---- block diffusion ------------------------------------------------------------------------------------
@@ -686,7 +711,9 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         block_size, threshold, causal = config.block_size, config.confidence_threshold, config.causal_context
         device = rows.prompt.device
         seed_logits = self._prefill_prompt(rows, cache, is_causal=causal)
-        seeds = self._seed_from_logits(rows, seed_logits, logits_processor, config, exclude_mask=True) if causal else None
+        seeds = (
+            self._seed_from_logits(rows, seed_logits, logits_processor, config, exclude_mask=True) if causal else None
+        )
 
         while rows.size:
             block = torch.full((rows.size, block_size), mask_id, dtype=torch.long, device=device)
@@ -769,15 +796,17 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         drawn from a recorded q given only the tokens to its left, which is what rule R needs to be exact.
         """
         config = generation_config
-        mask_id = self.config.mask_token_id
         device = rows.prompt.device
         seed_logits = self._prefill_prompt(rows, cache)
-        rows.emit(self._seed_from_logits(rows, seed_logits, logits_processor, config)[:, None], torch.ones(rows.size, dtype=torch.long, device=device))
+        seeds = self._seed_from_logits(rows, seed_logits, logits_processor, config)
+        rows.emit(seeds[:, None], torch.ones(rows.size, dtype=torch.long, device=device))
         rows.drop_finished(cache)
         while rows.size:
             block_size = min(config.block_size, int(rows.remaining().max()))
             seeds = rows.last_tokens()
-            drafts, draft_probs = self._draft_block(rows, cache, seeds, block_size, logits_processor, config, set_drafting)
+            drafts, draft_probs = self._draft_block(
+                rows, cache, seeds, block_size, logits_processor, config, set_drafting
+            )
             block = torch.cat([seeds[:, None], drafts], dim=1)
             logits = self._block_forward(rows, cache, block, is_causal=True, update_cache=True)
             rows.count_forward()
@@ -846,7 +875,9 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         context = block[:, prefix_start:].clone()
         for j in range(logits.shape[1]):
             first = 1 - prefix_start + j
-            probs[:, j] = _probs(_process_block(logits_processor, rows, context, logits[:, j : j + 1], first=first)[:, 0])
+            probs[:, j] = _probs(
+                _process_block(logits_processor, rows, context, logits[:, j : j + 1], first=first)[:, 0]
+            )
             sampled = torch.multinomial(probs[:, j], 1)[:, 0]
             tokens[:, j] = torch.where(masked[:, j], sampled, tokens[:, j])
             context[:, first] = tokens[:, j]
@@ -886,7 +917,9 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             chunk = torch.full((rows.size, block_size, row_len), mask_id, dtype=torch.long, device=device)
             chunk[:, :, 0] = drafts
             chunk = chunk.reshape(rows.size, -1)
-            offsets = (torch.arange(block_size, device=device)[:, None] + torch.arange(row_len, device=device)[None, :]).reshape(-1)
+            offsets = (
+                torch.arange(block_size, device=device)[:, None] + torch.arange(row_len, device=device)[None, :]
+            ).reshape(-1)
             positions = rows.block_positions(offsets)
             # The chunk's attention pattern is built here, outside a possibly compiled call (its closure would
             # otherwise be a new graph input every cycle).
@@ -899,7 +932,11 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
                 mask_function=_quadratic_mask_function(int(cache.get_seq_length()), block_size, device),
             )
             out = rows.encoder_call(
-                input_ids=chunk, attention_mask=pattern, position_ids=positions, cache=cache, use_cache=True,
+                input_ids=chunk,
+                attention_mask=pattern,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
                 is_causal=False,
             )
             rows.count_forward()
@@ -994,7 +1031,11 @@ def _validate_mode_fields(generation_config, model_config):
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
             bad("max_thinking_tokens", budget, "an int >= 0, or None")
         if not isinstance(end, int) or isinstance(end, bool) or not 0 <= end < model_config.vocab_size:
-            bad("end_think_token_id", end, f"a token id in [0, {model_config.vocab_size}) when max_thinking_tokens is set")
+            bad(
+                "end_think_token_id",
+                end,
+                f"a token id in [0, {model_config.vocab_size}) when max_thinking_tokens is set",
+            )
         if mode == "diffusion" and end == model_config.mask_token_id:
             bad("end_think_token_id", end, f"a token other than the mask token ({model_config.mask_token_id})")
     adapter = generation_config.drafter_adapter
@@ -1022,7 +1063,7 @@ def _gumbel_argmax(scores):
 
 
 def _transfer_count(masks_at_start, steps, step):
-    """NVIDIA's schedule: `masks_at_start` spread over `steps` steps, the first (masks mod steps) steps get one more."""
+    """NVIDIA's schedule: `masks_at_start` spread over `steps` steps; the first (masks mod steps) get one more."""
     base = masks_at_start // steps
     extra = (masks_at_start % steps > step).long()
     return base + extra

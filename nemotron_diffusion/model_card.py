@@ -109,8 +109,8 @@ def model_card_text(
     id_literal = json.dumps(model_id)
 
     if drafter_subfolder:
-        drafter = f"""This repository ships a LoRA drafter in `{drafter_subfolder}/`. Attach it with PEFT; it is switched on
-for the bidirectional draft forwards only, so the output stays exactly the AR output, only faster:
+        drafter = f"""This repository ships a LoRA drafter in `{drafter_subfolder}/`. Attach it with PEFT; it is
+switched on for the bidirectional draft forwards only, so the output stays exactly the AR output, only faster:
 
 ```python
 from peft import PeftModel
@@ -122,9 +122,9 @@ print(tokenizer.decode(out.sequences[0, inputs["input_ids"].shape[1]:], skip_spe
 print("tokens per forward:", out.tokens_per_forward.tolist())
 ```"""
     else:
-        drafter = """A LoRA drafter (NVIDIA's layout: rank 128, alpha 512, on `o_proj`) attaches with PEFT. It is switched on for
-the bidirectional draft forwards only, so the output stays exactly the AR output; a trained drafter only makes
-drafts better. This one is freshly initialised (a no-op until trained); load a trained one with
+        drafter = """A LoRA drafter (NVIDIA's layout: rank 128, alpha 512, on `o_proj`) attaches with PEFT. It is
+switched on for the bidirectional draft forwards only, so the output stays exactly the AR output; a trained
+drafter only makes drafts better. This one is freshly initialised (a no-op until trained); load a trained one with
 `PeftModel.from_pretrained(model, adapter_path, adapter_name="drafter")`:
 
 ```python
@@ -165,7 +165,7 @@ The model code ships with the weights (`trust_remote_code=True`); it needs `tran
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model_id = {id_literal}
-tokenizer = AutoTokenizer.from_pretrained(model_id)
+tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=True, dtype="auto", device_map="auto")
 
 messages = [{{"role": "user", "content": "Write a haiku about the sea."}}]
@@ -179,7 +179,9 @@ One checkpoint, four ways to generate:
 
 ```python
 ar = model.generate(**inputs, max_new_tokens=256)  # autoregressive (the default mode)
-diffusion = model.generate(**inputs, max_new_tokens=256, decode_mode="diffusion", block_size=32, confidence_threshold=0.9)
+diffusion = model.generate(
+    **inputs, max_new_tokens=256, decode_mode="diffusion", block_size=32, confidence_threshold=0.9
+)
 linear = model.generate(**inputs, max_new_tokens=256, decode_mode="linear_spec", block_size=32)
 quadratic = model.generate(**inputs, max_new_tokens=256, decode_mode="quadratic_spec", block_size=16)
 for name, out in [("ar", ar), ("diffusion", diffusion), ("linear_spec", linear), ("quadratic_spec", quadratic)]:

@@ -213,7 +213,14 @@ class NemotronDiffusionModel(NemotronDiffusionPreTrainedModel):
         prebuilt_pattern = getattr(attention_mask, "ndim", 2) == 4 or type(attention_mask).__name__ == "BlockMask"
         with _backend_for_custom_masks(self.config, mask_function is not None or prebuilt_pattern):
             output = self._layers_forward(
-                inputs_embeds, attention_mask, position_ids, layer_cache, cache, use_cache, is_causal, mask_function,
+                inputs_embeds,
+                attention_mask,
+                position_ids,
+                layer_cache,
+                cache,
+                use_cache,
+                is_causal,
+                mask_function,
                 **kwargs,
             )
         if static_read_only:
@@ -238,7 +245,15 @@ class NemotronDiffusionModel(NemotronDiffusionPreTrainedModel):
         return create_bidirectional_mask(self.config, inputs_embeds, attention_mask, None, cache)
 
     def _layers_forward(
-        self, inputs_embeds, attention_mask, position_ids, layer_cache, cache, use_cache, is_causal, mask_function,
+        self,
+        inputs_embeds,
+        attention_mask,
+        position_ids,
+        layer_cache,
+        cache,
+        use_cache,
+        is_causal,
+        mask_function,
         **kwargs,
     ):
         attention_mask = self.build_attention_mask(
@@ -331,10 +346,13 @@ class NemotronDiffusionForCausalLM(NemotronDiffusionPreTrainedModel, NemotronDif
         `False` writes none. (`push_to_hub=True` uploads transformers' own card instead: upload the saved folder
         with `huggingface_hub.upload_folder` to publish this one.)"""
         if not (model_card is None or isinstance(model_card, (bool, dict))):
-            raise ValueError(f"save_pretrained: `model_card`={model_card!r} is invalid; allowed: None, True, False, a dict.")
+            raise ValueError(
+                f"save_pretrained: `model_card`={model_card!r} is invalid; allowed: None, True, False, a dict."
+            )
         saved_auto_map = getattr(self.config, "auto_map", None)
         saved_from_model_config = getattr(self.generation_config, "_from_model_config", None)
         self.config.auto_map = dict(_AUTO_MAP)
+        _greedy_unless_configured(self.generation_config)  # a generation config assigned after init may lack it
         added_fields = _add_generation_fields(self.generation_config)
         if self.generation_config is not None:
             self.generation_config._from_model_config = False
@@ -442,7 +460,9 @@ class NemotronDiffusionForCausalLM(NemotronDiffusionPreTrainedModel, NemotronDif
         if input_ids is None:
             raise ValueError(f"dlm_paradigm={paradigm!r} training needs `input_ids` (mask tokens replace inputs).")
         if labels.shape != input_ids.shape:
-            raise ValueError(f"`labels` shape {tuple(labels.shape)} must equal `input_ids` shape {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"`labels` shape {tuple(labels.shape)} must equal `input_ids` shape {tuple(input_ids.shape)}"
+            )
         if position_ids is None and attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
@@ -512,7 +532,9 @@ class NemotronDiffusionForCausalLM(NemotronDiffusionPreTrainedModel, NemotronDif
         loss_mask = labels != -100
         if masked_indices is not None:
             if p_mask is None:
-                raise ValueError("`masked_indices` needs the matching `p_mask` (the probability each was masked with).")
+                raise ValueError(
+                    "`masked_indices` needs the matching `p_mask` (the probability each was masked with)."
+                )
             p_mask = p_mask.expand_as(labels).to(torch.float32) if p_mask.dim() else p_mask.expand(labels.shape)
             return masked_indices.bool() & loss_mask, p_mask
         if p_mask is not None:
@@ -549,8 +571,14 @@ def _greedy_unless_configured(generation_config):
 
 # Mode fields whose default does not depend on the mode: saved in generation_config.json when unset, so the file
 # lists them. (`block_size` and `confidence_threshold` are saved only when set: their defaults follow the mode.)
-_SAVED_MODE_FIELDS = ("decode_mode", "causal_context", "max_denoising_steps", "max_thinking_tokens",
-                      "end_think_token_id", "drafter_adapter")
+_SAVED_MODE_FIELDS = (
+    "decode_mode",
+    "causal_context",
+    "max_denoising_steps",
+    "max_thinking_tokens",
+    "end_think_token_id",
+    "drafter_adapter",
+)
 
 
 def _add_generation_fields(generation_config):

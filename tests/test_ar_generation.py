@@ -5,7 +5,7 @@ import torch
 from transformers import GenerationConfig, Ministral3Config, Ministral3ForCausalLM, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from conftest import EOS_ID, left_pad, tiny_model
+from conftest import left_pad, tiny_model
 
 
 def native_twin(model):

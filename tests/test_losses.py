@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import MASK_ID, tiny_model
 from nemotron_diffusion.modeling_nemotron_diffusion import block_diff_mask_function
-from reference_forward import bidirectional_allowed, causal_allowed, positions_from_mask, reference_logits
+from reference_forward import bidirectional_allowed, positions_from_mask, reference_logits
 
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22, 23, 24, 25, 26, 27]])

@@ -2,6 +2,7 @@
 
 import argparse
 import contextlib
+import importlib
 import os
 import re
 import sys
@@ -114,7 +115,8 @@ class Settings:
         """Combinations the flags allow one by one but the mode refuses, named by their flags."""
         if mode in SPEC_MODES and self.block_size is not None and self.block_size < 2:
             raise UserError(
-                f"--block-size {self.block_size} is too small for --mode {mode} (needs >= 2: a seed slot and a draft slot)"
+                f"--block-size {self.block_size} is too small for --mode {mode} "
+                "(needs >= 2: a seed slot and a draft slot)"
             )
         if mode == "quadratic_spec" and self.threshold not in (_UNSET, None):
             raise UserError(
@@ -160,7 +162,8 @@ def generation_kwargs(args):
 # --------------------------------------------------------------------------------------------------- models
 def _demo_module():
     try:
-        from .. import demo
+        # through sys.modules (not the package attribute), so a stand-in or a blocked module there is honoured
+        demo = importlib.import_module(__package__.rsplit(".", 1)[0] + ".demo")
     except ImportError as error:
         raise UserError(f"no model given: pass --model FOLDER (the demo model is not available: {error})") from error
     return demo
@@ -206,7 +209,8 @@ def load_model(args):
     from .. import NemotronDiffusionConfig  # importing the package registers the model type
 
     path = resolve_model_path(args.model)
-    dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dtype = dtypes[args.dtype]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device != "auto":
         try:
