@@ -17,6 +17,7 @@ COMMANDS = {
     "chat": ".commands.chat",
     "convert": ".commands.convert",
     "train": ".commands.train",
+    "bench": ".commands.bench",
 }
 
 

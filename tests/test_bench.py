@@ -1,0 +1,91 @@
+"""Smoke test of the benchmark suite (benchmarks/bench.py, `nemotron-diffusion bench`): a tiny random-weight run
+completes and writes valid JSON and markdown. No timing is asserted; the speed-of-light check counts forwards,
+which are deterministic, so its ratios are."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nemotron_diffusion.cli import main
+from nemotron_diffusion.commands import bench as bench_command
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_tiny_run_writes_valid_json(tmp_path, capsys):
+    prefix = tmp_path / "bench"
+    threads = torch.get_num_threads()
+    try:
+        status = main([
+            "bench", "--random", "tiny", "--prompts", "2", "--max-prompt-tokens", "160", "--max-new-tokens", "6",
+            "--block-sizes", "4", "--batch-sizes", "1,2", "--repeats", "1", "--overhead-repeats", "1",
+            "--overhead-tokens", "4", "--sol-max-new-tokens", "8", "--threads", "1", "--no-progress",
+            "--out", str(prefix),
+        ])
+    finally:
+        torch.set_flush_denormal(False)
+    assert status == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert (tmp_path / "bench.md").read_text().startswith("# Benchmark")
+    runs = {(r["name"], r["block_size"], r["batch_size"]): r for r in result["runs"]}
+    expected = {("stock generate", None, 1), ("prompt lookup", None, 1), ("ours ar", None, 1), ("diffusion", 4, 1),
+                ("linear_spec", 4, 1), ("quadratic_spec", 4, 1), ("stock generate", None, 2), ("ours ar", None, 2),
+                ("diffusion", 4, 2), ("linear_spec", 4, 2), ("quadratic_spec", 4, 2)}
+    assert set(runs) == expected
+    for row in runs.values():
+        assert "error" not in row, row
+        assert row["tok_per_s"] > 0 and row["forwards"] > 0 and row["tokens_per_forward"] > 0
+        assert "prefill" in row["ms_per_forward"]
+    # Greedy self-speculation returns AR's tokens; the stock twin shares the weights.
+    for name in ("linear_spec", "quadratic_spec"):
+        assert runs[(name, 4, 1)]["same_tokens_as_ours_ar"] == 1.0
+        assert runs[(name, 4, 1)]["acceptance_histogram"]
+    assert runs[("stock generate", None, 1)]["same_tokens_as_ours_ar"] == 1.0
+    assert set(runs[("linear_spec", 4, 1)]["ms_per_forward"]) == {"prefill", "draft", "verify"}
+    assert set(runs[("diffusion", 4, 1)]["ms_per_forward"]) <= {"prefill", "draft", "commit"}
+    # Perfect drafts reach each mode's tokens-per-forward ceiling (forward counts, not time).
+    sol = result["speed_of_light"]
+    assert sol["all_pass"] and all(r["perfect"] for r in sol["rows"])
+    assert {r["mode"] for r in sol["rows"]} == {"ar", "diffusion", "linear_spec", "quadratic_spec"}
+    assert result["ar_overhead"]["same_tokens"] is True
+    assert result["machine"]["torch"] == torch.__version__
+    if importlib.util.find_spec("matplotlib") is not None:
+        for suffix in ("tok_s", "tokens_per_forward"):
+            assert (tmp_path / f"bench_{suffix}.png").stat().st_size > 0
+    assert torch.get_num_threads() == threads  # restored after --threads 1
+
+
+def test_plots_are_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
+    bench = bench_command.load_bench()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert bench.plots({"runs": []}, str(tmp_path / "x")) == []
+    assert "matplotlib is not installed" in capsys.readouterr().err
+
+
+def test_bench_without_the_source_tree_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench_command, "bench_script", lambda: tmp_path / "benchmarks" / "bench.py")
+    monkeypatch.delitem(sys.modules, bench_command._MODULE_NAME, raising=False)
+    status = main(["bench", "--random", "tiny"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert len(err.strip().splitlines()) == 1 and "source checkout" in err and "Traceback" not in err
+
+
+def test_bad_flags_are_one_line(capsys):
+    status = main(["bench", "--random", "nosuchshape", "--no-speed-of-light"])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "nosuchshape" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--block-sizes", "0"])
+    assert exit_info.value.code == 2
+
+
+def test_script_runs_from_the_checkout():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--help"], capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert out.returncode == 0 and "--block-sizes" in out.stdout
