@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.generation import CompileConfig, GenerationMixin
 from transformers.generation.configuration_utils import GenerationMode
@@ -52,7 +53,6 @@ from .cache_nemotron_diffusion import (
     rewind_cache,
     select_cache_rows,
 )
-
 
 DECODE_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 
@@ -254,10 +254,14 @@ def _speculative_accept(draft, target_scores, draft_probs, do_sample):
 
 
 @contextlib.contextmanager
-def _adapters_for_drafting(model, adapter_name):
+def _adapters_for_drafting(model, adapter_name, bypass=False):
     """Yields `set_drafting(bool)`: the drafter adapter on for bidirectional draft forwards, off for every causal
     forward, and each PEFT layer's own state restored on exit. Works whether or not the model is wrapped in a
-    `PeftModel` (both keep the LoRA layers inside the model). A no-op for a model without adapters."""
+    `PeftModel` (both keep the LoRA layers inside the model). A no-op for a model without adapters.
+
+    `bypass=True` (decoding loops): while drafting is off, each outermost PEFT wrapper is also swapped out of its
+    parent for the base module it wraps, which computes the same thing without the wrappers' per-call Python work
+    (about 8% of an AR step of the 135M demo with its drafter, on a CPU). The wrappers are put back on exit."""
     layers = [m for m in model.modules() if hasattr(m, "_disable_adapters") and hasattr(m, "_active_adapter")]
     if not layers:
         if adapter_name is not None:
@@ -279,6 +283,8 @@ def _adapters_for_drafting(model, adapter_name):
                 f"drafter_adapter={adapter_name!r} is not an adapter of this model; found {sorted(known)}."
             )
 
+    swaps = _wrapper_swaps(model) if bypass else []
+
     def set_drafting(drafting: bool):
         for layer, _, active in saved:
             layer._disable_adapters = not drafting
@@ -286,14 +292,41 @@ def _adapters_for_drafting(model, adapter_name):
                 layer._active_adapter = [adapter_name]
             else:
                 layer._active_adapter = active
+        for parent, name, wrapper, base in swaps:
+            parent._modules[name] = wrapper if drafting else base
 
     try:
         set_drafting(False)
         yield set_drafting
     finally:
+        for parent, name, wrapper, _ in swaps:
+            parent._modules[name] = wrapper
         for layer, disabled, active in saved:
             layer._disable_adapters = disabled
             layer._active_adapter = active
+
+
+def _wrapper_swaps(model):
+    """[(parent, name, wrapper, base)] for each outermost PEFT wrapper (LoRA layer, trainable-tokens or
+    modules-to-save wrapper) and the module it computes with its adapters disabled. Wrappers holding an accelerate
+    hook (device_map offload) stay in place."""
+    swaps = []
+
+    def visit(parent):
+        for name, child in parent._modules.items():
+            if child is None:
+                continue
+            if not hasattr(child, "_disable_adapters"):
+                visit(child)
+                continue
+            base = child
+            while isinstance(inner := getattr(base, "base_layer", getattr(base, "original_module", None)), nn.Module):
+                base = inner
+            if base is not child and not hasattr(child, "_hf_hook"):
+                swaps.append((parent, name, child, base))
+
+    visit(model)
+    return swaps
 
 
 class _Rows:
@@ -594,7 +627,10 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             "linear_spec": self._linear_spec_decode,
             "quadratic_spec": self._quadratic_spec_decode,
         }[mode]
-        with _adapters_for_drafting(self, generation_config.drafter_adapter) as set_drafting, torch.no_grad():
+        with (
+            _adapters_for_drafting(self, generation_config.drafter_adapter, bypass=True) as set_drafting,
+            torch.no_grad(),
+        ):
             loop(rows, cache, logits_processor, generation_config, set_drafting)
         return rows.finish(generation_config)
 
@@ -630,15 +666,16 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
     def _ar_decode(
         self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer, **model_kwargs
     ):
-        out = super()._sample(
-            input_ids,
-            logits_processor=logits_processor,
-            stopping_criteria=stopping_criteria,
-            generation_config=generation_config,
-            synced_gpus=synced_gpus,
-            streamer=streamer,
-            **model_kwargs,
-        )
+        with _adapters_for_drafting(self, None, bypass=True):  # AR never drafts: the base modules alone
+            out = super()._sample(
+                input_ids,
+                logits_processor=logits_processor,
+                stopping_criteria=stopping_criteria,
+                generation_config=generation_config,
+                synced_gpus=synced_gpus,
+                streamer=streamer,
+                **model_kwargs,
+            )
         if not generation_config.return_dict_in_generate:
             return out
         # One forward per new token (the prefill gives the first); finished rows stop counting at their stop.
