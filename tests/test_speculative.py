@@ -648,7 +648,10 @@ def lora_layers(model):
 
 
 def lora_state(model):
-    return [(layer._disable_adapters, list(layer.active_adapters), layer.merged) for layer in lora_layers(model)]
+    """Each LoRA layer's switches, and the module tree itself (generate() takes the PEFT wrappers out of the call
+    path while the drafter is off and must put every one of them back)."""
+    switches = [(layer._disable_adapters, list(layer.active_adapters), layer.merged) for layer in lora_layers(model)]
+    return switches, [(name, id(module)) for name, module in model.named_modules()]
 
 
 class ForwardLog:
@@ -799,8 +802,8 @@ def test_lora_state_restored(wrapper, enabled_before, mode):
         else:
             model.disable_adapters()
     before = lora_state(model)
-    assert all(disabled == (not enabled_before) for disabled, _, _ in before)
-    assert all(active == ["drafter"] for _, active, _ in before)
+    assert all(disabled == (not enabled_before) for disabled, _, _ in before[0])
+    assert all(active == ["drafter"] for _, active, _ in before[0])
     with torch.no_grad():
         logits_before = model(ids, attention_mask=mask).logits
     out = _gen(outer, ids, mask, mode, max_new_tokens=10, block_size=4, eos_token_id=None)
@@ -852,7 +855,7 @@ def test_drafter_adapter_selects_the_adapter(wrapper):
         assert torch.equal(out.sequences, reference)
         assert all(c["ran"] == expected for c in log.calls if c["draft"]), (choice, [c["ran"] for c in log.calls])
         assert all(not c["ran"] for c in log.calls if not c["draft"])
-        assert all(active == ["one"] for _, active, _ in lora_state(model))
+        assert all(active == ["one"] for _, active, _ in lora_state(model)[0])
         results[choice] = [c["hidden"] for c in log.calls if c["draft"]][0]
     assert not torch.allclose(results["one"], results["two"])
     torch.testing.assert_close(results["one"], results[None], rtol=0, atol=0)
