@@ -21,6 +21,7 @@ measurement, so a run cut short still reports what it measured.
 
 import argparse
 import fcntl
+import functools
 import json
 import os
 import subprocess
@@ -83,13 +84,18 @@ def build_kinds(model, context, device):
         block[:, 0] = 42
         positions = context + torch.arange(b, device=device)[None]
         mask = padded_mask(b)
-        verify = lambda block=block, positions=positions, mask=mask: block_forward(
-            block, positions, mask, is_causal=True, update_cache=True, head_rows=lambda h: h
+        kinds["ar_step" if b == 1 else f"verify_{b}"] = functools.partial(
+            block_forward, block, positions, mask, is_causal=True, update_cache=True, head_rows=lambda h: h
         )
-        kinds["ar_step" if b == 1 else f"verify_{b}"] = verify
         if b > 1:
-            kinds[f"draft_{b}"] = lambda block=block, positions=positions, mask=mask: block_forward(
-                block, positions, mask, is_causal=False, update_cache=False, head_rows=lambda h: h[:, 1:]
+            kinds[f"draft_{b}"] = functools.partial(
+                block_forward,
+                block,
+                positions,
+                mask,
+                is_causal=False,
+                update_cache=False,
+                head_rows=lambda h: h[:, 1:],
             )
     for b in (8, 16):
         n = b * (b + 1)
@@ -111,15 +117,16 @@ def build_kinds(model, context, device):
             hidden = hidden.view(1, b, b + 1, -1)
             return torch.cat([hidden[:, :, 0], hidden[:, 0, 1:]], dim=1)
 
-        kinds[f"quadratic_{b}"] = lambda chunk=chunk, positions=positions, pattern=pattern, rows=rows: block_forward(
-            chunk, positions, pattern, is_causal=False, update_cache=True, head_rows=rows
+        kinds[f"quadratic_{b}"] = functools.partial(
+            block_forward, chunk, positions, pattern, is_causal=False, update_cache=True, head_rows=rows
         )
 
     prompt = torch.randint(200, model.config.vocab_size, (1, 128), device=device)
     native = native_twin(model)
     native.generation_config.compile_config = compile_config
     for name, m, extra in (("generate_stock", native, {}), ("generate_ours", model, {"decode_mode": "ar"})):
-        kinds[name] = lambda m=m, extra=extra: m.generate(
+        kinds[name] = functools.partial(
+            m.generate,
             prompt,
             max_new_tokens=NEW_TOKENS,
             min_new_tokens=NEW_TOKENS,

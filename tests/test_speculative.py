@@ -51,7 +51,6 @@ def chain_model(seed: int, vocab: int = 32, eps: float = 0.0, margin: float = 1.
     hidden = model.config.hidden_size
     assert vocab <= hidden
     generator = torch.Generator().manual_seed(1000 + seed)
-    mask = vocab - 1
     # Rank the real tokens (never pad 0, bos 1, eos 2 or mask) with a first; every other token maps to a or to a
     # token of lower rank, so every chain reaches a.
     real = torch.arange(3, vocab - 1)[torch.randperm(vocab - 4, generator=generator)]
