@@ -87,6 +87,12 @@ class NemotronDiffusionConfig(Ministral3Config):
             # without Llama-4 scaling (e.g. converted Llama models) get beta = 0, i.e. no scaling.
             rope_parameters.setdefault("llama_4_scaling_beta", 0.0)
             rope_parameters.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+            if rope_parameters.get("rope_type", "default") in ("default", "linear", "dynamic"):
+                # The Llama-4 scale reads it whatever the RoPE type; transformers' RoPE validation would otherwise
+                # warn about it on every load of a converted Llama model (YaRN / llama3 list it themselves).
+                self.ignore_keys_at_rope_validation = set(self.ignore_keys_at_rope_validation or ()) | {
+                    "original_max_position_embeddings"
+                }
             self.rope_parameters = rope_parameters
         super().__post_init__(**kwargs)
         self._validate_diffusion_fields()

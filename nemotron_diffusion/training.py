@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import json
 import math
 import random
@@ -39,7 +40,6 @@ import torch.nn.functional as F
 
 from .generation_nemotron_diffusion import _adapters_for_drafting
 from .modeling_nemotron_diffusion import _CACHE_FIELD
-
 
 IGNORE_INDEX = -100
 TARGETS = ("full", "drafter")
@@ -103,7 +103,7 @@ def _functions(source: str):
 
 
 def stdlib_prompts(tokenizer, files: Sequence[Path], seed: int = 0, raw_share: float = 0.25,
-                   raw_tokens: int = 96, limit: int | None = None) -> list[list[int]]:
+                   raw_tokens: int = 96, limit: int | None = None, max_prompt_tokens: int = 512) -> list[list[int]]:
     """Prompts built from the standard library for self-distillation: chat requests (write / explain / complete a
     function of the stdlib, through the tokenizer's chat template) and, for `raw_share` of them, plain code windows
     to continue. Returns token id lists, shuffled with `seed`."""
@@ -128,32 +128,40 @@ def stdlib_prompts(tokenizer, files: Sequence[Path], seed: int = 0, raw_share: f
                 prompts.append(tokenizer(rendered, add_special_tokens=False).input_ids)
             else:
                 prompts.append(tokenizer(text, add_special_tokens=False).input_ids)
-    raw = []
     n_raw = int(len(prompts) * raw_share / max(1e-9, 1 - raw_share))
     windows = text_windows(tokenizer, files, raw_tokens)
     rng.shuffle(windows)
     raw = windows[:n_raw]
-    prompts = [p for p in prompts if len(p) <= 512] + raw
+    prompts = [p for p in prompts if len(p) <= max_prompt_tokens] + raw
     rng.shuffle(prompts)
     return prompts[:limit] if limit is not None else prompts
 
 
 @torch.no_grad()
 def distill_sequences(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 192, batch_size: int = 16,
-                      pad_token_id: int = 0, progress: bool = True) -> list[dict]:
+                      pad_token_id: int = 0, progress: bool = True, deadline: float | None = None) -> list[dict]:
     """The base model's own greedy continuations of `prompts` (AR mode, adapters off), cut after the first EOS.
 
     Returns `{"input_ids": prompt + continuation, "prompt_length": len(prompt)}` records. On these sequences every
     continuation token is the greedy AR token given its prefix, so any block in the continuation is exactly what a
-    greedy verifier accepts."""
+    greedy verifier accepts. With `deadline` (a `time.time()` value), generation stops after the batch that passes
+    it and only the prompts done so far are returned."""
+    import time
+
     core = unwrap_model(model)
     eos = core.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
     device = next(core.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    # Batches of similar lengths (little padding), in the prompts' own order at a coarse grain, so a deadline keeps
+    # an unbiased subset.
+    group = batch_size * 8
+    order = [i for g in range(0, len(prompts), group)
+             for i in sorted(range(g, min(g + group, len(prompts))), key=lambda i: len(prompts[i]))]
     records = [None] * len(prompts)
     bar = _progress(total=len(prompts), desc="self-distillation", enabled=progress)
     for start in range(0, len(order), batch_size):
+        if deadline is not None and time.time() > deadline:
+            break
         chunk = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in chunk)
         ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
@@ -174,13 +182,12 @@ def distill_sequences(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
             records[i] = {"input_ids": list(prompts[i]) + new, "prompt_length": len(prompts[i])}
         bar.update(len(chunk))
     bar.close()
-    return records
+    return [r for r in records if r is not None]
 
 
 def save_records(records, path):
     with open(path, "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+        f.writelines(json.dumps(record) + "\n" for record in records)
 
 
 def load_records(path) -> list[dict]:
@@ -438,6 +445,7 @@ def drafter_loss(model, batch, block_size: int, use_adapter: bool = True, temper
 
 
 # ======================================================================================================== trainer
+@functools.cache
 def _trainer_class():
     from transformers import Trainer
 
@@ -560,15 +568,27 @@ def add_drafter_adapter(model, r: int = 16, alpha: int | None = None, target_mod
         bias="none",
         trainable_token_indices={"embed_tokens": [model.config.mask_token_id]} if train_mask_embedding else None,
     )
-    return get_peft_model(model, config, adapter_name=adapter_name)
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    if train_mask_embedding:
+        # Start the mask row at the mean token embedding: a converted model's added mask row is zero, and RMSNorm of
+        # a (near-)zero input has huge, badly scaled gradients. The base row is untouched (the delta is the adapter's).
+        embeddings = model.get_input_embeddings()
+        layer = getattr(embeddings, "token_adapter", None)
+        delta = getattr(layer, "trainable_tokens_delta", {}).get(adapter_name) if layer is not None else None
+        if delta is not None:
+            with torch.no_grad():
+                base = layer.base_layer.weight
+                mask_id = model.config.mask_token_id
+                delta.copy_((base.mean(0) - base[mask_id]).to(delta.dtype).expand_as(delta))
+    return peft_model
 
 
 __all__ = [
+    "TARGETS",
     "DrafterCollator",
     "DrafterOutput",
     "JointCollator",
     "RecordDataset",
-    "TARGETS",
     "add_drafter_adapter",
     "distill_sequences",
     "draft_block_mask_function",

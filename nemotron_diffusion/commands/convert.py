@@ -3,7 +3,6 @@ or an NVIDIA Nemotron-Labs-Diffusion folder rewritten to use this package's remo
 
 from ..cli import UserError
 
-
 HELP = "convert a Llama / Mistral / Ministral3 folder or GGUF file (or an NVIDIA folder) into the tri-mode format"
 
 

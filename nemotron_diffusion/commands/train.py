@@ -1,15 +1,14 @@
 """`nemotron-diffusion train`: the joint-training recipe (full model) or a LoRA drafter (base frozen)."""
 
 import json
-import math
 import os
 import time
 
 from ..cli import UserError
 
-
 HELP = "train a tri-mode model: joint AR + diffusion (full) or a LoRA drafter with the base frozen"
 
+RUN_START = [time.time()]
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
@@ -22,12 +21,17 @@ def add_arguments(parser):
     parser.add_argument("--data", default="stdlib",
                         help="'stdlib' (the CPython standard-library sources, with a held-out split) or a JSONL file "
                              "of records {input_ids[, prompt_length]} or {text}")
+    parser.add_argument("--extra-data", action="append", default=[],
+                        help="more training records (JSONL, e.g. the distill-train-*.jsonl of an earlier run); repeatable")
+    parser.add_argument("--init-adapter", default=None,
+                        help="drafter: continue training this PEFT adapter folder instead of a new adapter")
     parser.add_argument("--eval-data", default=None, help="held-out JSONL (default: the held-out stdlib split)")
     parser.add_argument("--distill", type=int, default=2000,
                         help="drafter with --data stdlib: number of prompts whose greedy base continuations are the "
                              "training sequences (self-distillation; cached in the output folder)")
     parser.add_argument("--eval-sequences", type=int, default=48, help="held-out sequences for loss and acceptance")
-    parser.add_argument("--max-new-tokens", type=int, default=160, help="length of the self-distilled continuations")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="length of the self-distilled continuations")
+    parser.add_argument("--max-prompt-tokens", type=int, default=192, help="self-distillation: longest prompt kept")
     parser.add_argument("--distill-batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (cut / window size)")
     parser.add_argument("--block-size", type=int, default=16, help="diffusion / draft block size")
@@ -49,14 +53,19 @@ def add_arguments(parser):
     parser.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (default: --epochs)")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--max-hours", type=float, default=None, help="stop (and save) after this many hours")
-    parser.add_argument("--eval-steps", type=int, default=200)
-    parser.add_argument("--save-steps", type=int, default=200)
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds for the whole run: self-distillation gets at most 35%%, the step count is set "
+                             "from a timed probe step to fill the rest (unless --max-steps), training stops in time "
+                             "for the final evaluation and save")
+    parser.add_argument("--eval-steps", type=int, default=None, help="default 200 (a quarter of the run under --time-budget)")
+    parser.add_argument("--save-steps", type=int, default=None, help="default 200 (a quarter of the run under --time-budget)")
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
     parser.add_argument("--save-dtype", choices=("float32", "float16", "bfloat16"), default="float16",
                         help="drafter: dtype of the saved adapter weights")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--attn-implementation", default="sdpa", help="attention backend for training (default sdpa)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -64,8 +73,10 @@ def add_arguments(parser):
 def _check(args):
     for name in ("distill", "eval_sequences", "max_new_tokens", "distill_batch_size", "seq_len", "block_size",
                  "blocks_per_sequence", "lora_r", "batch_size", "grad_accum", "eval_steps", "save_steps",
-                 "logging_steps"):
+                 "logging_steps", "max_prompt_tokens"):
         value = getattr(args, name)
+        if value is None:
+            continue
         minimum = 2 if name in ("block_size", "seq_len") else 1
         if value < minimum:
             raise UserError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
@@ -104,16 +115,54 @@ def _stdlib_records(args, model, tokenizer, split, count):
     cache = os.path.join(args.output_dir, f"distill-{split}-{count}-{args.max_new_tokens}.jsonl")
     if os.path.exists(cache):
         return load_records(cache)
-    prompts = stdlib_prompts(tokenizer, files, seed=args.seed + (split == "heldout"), limit=count)
+    prompts = stdlib_prompts(tokenizer, files, seed=args.seed + (split == "heldout"), limit=count,
+                             max_prompt_tokens=args.max_prompt_tokens)
     print(f"self-distillation: {len(prompts)} {split} prompts, up to {args.max_new_tokens} greedy tokens each")
+    deadline = None
+    if args.time_budget is not None and split == "train":
+        deadline = RUN_START[0] + 0.35 * args.time_budget
     records = distill_sequences(model, prompts, max_new_tokens=args.max_new_tokens,
-                                batch_size=args.distill_batch_size, pad_token_id=model.config.pad_token_id or 0)
+                                batch_size=args.distill_batch_size, pad_token_id=model.config.pad_token_id or 0,
+                                deadline=deadline)
     records = [{"input_ids": r["input_ids"][-args.seq_len:] if len(r["input_ids"]) > args.seq_len else r["input_ids"],
                 "prompt_length": max(0, r["prompt_length"] - max(0, len(r["input_ids"]) - args.seq_len))}
                for r in records]
     save_records(records, cache + ".tmp")
     os.replace(cache + ".tmp", cache)
     return records
+
+
+_FINAL_MARGIN = 30.0  # seconds kept for the final evaluation and save under --time-budget
+
+
+def _steps_for_budget(args, model, collator, records, device):
+    """Times three training micro-batches (forward + backward) and returns the step count that fills the time left.
+    The fastest of the three is used: on a shared machine a spike of other load would otherwise shorten the run."""
+    import torch
+
+    from ..training import drafter_loss
+
+    batch = collator([records[i % len(records)] for i in range(args.batch_size)])
+    model.train()
+    seconds = []
+    for _ in range(3):
+        start = time.time()
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16):
+            if args.target == "drafter":
+                loss = drafter_loss(model, batch, args.block_size).loss
+            else:
+                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+        (loss / args.grad_accum).backward()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds.append(time.time() - start)
+    model.zero_grad(set_to_none=True)
+    left = RUN_START[0] + args.time_budget - _FINAL_MARGIN - time.time()
+    fastest = min(seconds[1:])  # the first one includes warm-up
+    per_step = fastest * args.grad_accum * 1.15 + 0.01  # optimizer, logging, periodic evaluation
+    steps = max(1, int(left / per_step))
+    print(f"--time-budget: {fastest:.3f} s per micro-batch, {left:.0f} s left -> {steps} steps")
+    return steps
 
 
 def _save_adapter(model, folder, dtype_name, metrics, args, tokens_seen):
@@ -140,6 +189,9 @@ def run(args):
     from ..training import DrafterCollator, JointCollator, RecordDataset, TriModeTrainer, add_drafter_adapter
 
     targets = _check(args)
+    RUN_START[0] = time.time()
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise UserError(f"--time-budget must be > 0 seconds, got {args.time_budget}")
     if args.threads:
         torch.set_num_threads(args.threads)
     path = args.model
@@ -156,7 +208,8 @@ def run(args):
     os.makedirs(args.output_dir, exist_ok=True)
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=args.attn_implementation).to(device)
     if args.target == "full":
         model.config.dlm_paradigm = args.paradigm
         model.config.block_size = args.block_size
@@ -165,14 +218,16 @@ def run(args):
     # ---- data
     t0 = time.time()
     model.eval()
-    if args.data == "stdlib":
-        train_records = _stdlib_records(args, model, tokenizer, "train", args.distill)
-    else:
-        train_records = _load_jsonl(args.data, tokenizer, args.seq_len)
     if args.eval_data:
         eval_records = _load_jsonl(args.eval_data, tokenizer, args.seq_len)[: args.eval_sequences]
     else:
         eval_records = _stdlib_records(args, model, tokenizer, "heldout", args.eval_sequences)
+    if args.data == "stdlib":
+        train_records = _stdlib_records(args, model, tokenizer, "train", args.distill)
+    else:
+        train_records = _load_jsonl(args.data, tokenizer, args.seq_len)
+    for path in args.extra_data:
+        train_records += _load_jsonl(path, tokenizer, args.seq_len)
     if not train_records:
         raise UserError("no training sequences")
     print(f"data: {len(train_records)} training / {len(eval_records)} held-out sequences ({time.time() - t0:.0f} s)")
@@ -180,14 +235,27 @@ def run(args):
     # ---- model and collator
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     if args.target == "drafter":
-        model = add_drafter_adapter(model, r=args.lora_r, alpha=args.lora_alpha, target_modules=targets,
-                                    train_mask_embedding=not args.no_mask_embedding)
+        if args.init_adapter:
+            from peft import PeftModel
+
+            if not os.path.isfile(os.path.join(args.init_adapter, "adapter_config.json")):
+                raise UserError(f"--init-adapter {args.init_adapter!r} is not a PEFT adapter folder")
+            model = PeftModel.from_pretrained(model, args.init_adapter, is_trainable=True)
+        else:
+            model = add_drafter_adapter(model, r=args.lora_r, alpha=args.lora_alpha, target_modules=targets,
+                                        train_mask_embedding=not args.no_mask_embedding)
         model.print_trainable_parameters()
         collator = DrafterCollator(pad, block_size=args.block_size, blocks_per_sequence=args.blocks_per_sequence,
                                    max_length=args.seq_len, seed=args.seed)
     else:
         collator = JointCollator(pad, max_length=args.seq_len, seed=args.seed)
 
+    if args.time_budget is not None and args.max_steps < 0:
+        args.max_steps = _steps_for_budget(args, model, collator, train_records, device)
+        args.eval_steps = args.eval_steps or max(1, args.max_steps // 4)
+        args.save_steps = args.save_steps or max(1, args.max_steps // 4)
+    args.eval_steps = args.eval_steps or 200
+    args.save_steps = args.save_steps or 200
     tokens_per_step = args.batch_size * args.grad_accum * (
         args.blocks_per_sequence * args.block_size if args.target == "drafter" else args.seq_len)
     training_args = TrainingArguments(
@@ -218,7 +286,8 @@ def run(args):
 
     class _Deadline(TrainerCallback):
         def on_step_end(self, _args, state, control, **kwargs):
-            if args.max_hours is not None and time.time() - started > args.max_hours * 3600:
+            late = args.time_budget is not None and time.time() > RUN_START[0] + args.time_budget - _FINAL_MARGIN
+            if late or (args.max_hours is not None and time.time() - started > args.max_hours * 3600):
                 control.should_training_stop = True
                 control.should_save = True
             return control
