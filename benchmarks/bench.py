@@ -104,27 +104,9 @@ def _name_list(allowed):
     return parse
 
 
-def _positive(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def _threshold(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
-
-
 def add_arguments(parser):
+    from nemotron_diffusion.commands.common import positive_int, threshold
+
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model", "-m", default=None, help="model folder or Hub id (default: the demo model, nemotron_diffusion.demo)"
@@ -151,7 +133,7 @@ def add_arguments(parser):
     sweep.add_argument("--batch-sizes", type=_int_list, default=[1, 4], help="comma-separated batch sizes")
     sweep.add_argument(
         "--quadratic-max-block",
-        type=_positive,
+        type=positive_int,
         default=16,
         help="skip quadratic_spec blocks above this in the sweep: its forward carries B*(B+1) "
         "queries, compute-bound on a CPU (default 16)",
@@ -164,25 +146,30 @@ def add_arguments(parser):
     )
     sweep.add_argument(
         "--prompt-lookup-tokens",
-        type=_positive,
+        type=positive_int,
         default=10,
         help="prompt_lookup_num_tokens of the prompt-lookup baseline (default 10)",
     )
-    sweep.add_argument("--prompts", type=_positive, default=10, help="held-out prompts (default 10)")
-    sweep.add_argument("--max-prompt-tokens", type=_positive, default=256)
-    sweep.add_argument("--max-new-tokens", type=_positive, default=96)
-    sweep.add_argument("--threshold", type=_threshold, default=0.9, help="diffusion confidence_threshold (0.9)")
-    sweep.add_argument("--repeats", type=_positive, default=3, help="timed passes per setting (median reported)")
+    sweep.add_argument("--prompts", type=positive_int, default=10, help="held-out prompts (default 10)")
+    sweep.add_argument("--max-prompt-tokens", type=positive_int, default=256)
+    sweep.add_argument("--max-new-tokens", type=positive_int, default=96)
+    sweep.add_argument(
+        "--threshold",
+        type=threshold,
+        default=0.9,
+        help="diffusion confidence_threshold (0.9; 'none': one slot per step)",
+    )
+    sweep.add_argument("--repeats", type=positive_int, default=3, help="timed passes per setting (median reported)")
     checks = parser.add_argument_group("checks")
     checks.add_argument("--no-speed-of-light", action="store_true", help="skip the perfect-drafter check")
-    checks.add_argument("--sol-max-new-tokens", type=_positive, default=128)
+    checks.add_argument("--sol-max-new-tokens", type=positive_int, default=128)
     checks.add_argument(
         "--overhead-repeats",
         type=int,
         default=15,
         help="interleaved pairs of the AR-overhead check (0 skips it; default 15)",
     )
-    checks.add_argument("--overhead-tokens", type=_positive, default=64)
+    checks.add_argument("--overhead-tokens", type=positive_int, default=64)
     output = parser.add_argument_group("output")
     output.add_argument(
         "--out",
@@ -191,7 +178,7 @@ def add_arguments(parser):
         help="output prefix: PREFIX.json, PREFIX.md, PREFIX_tok_s.png, PREFIX_tokens_per_forward.png "
         "(default benchmarks/results/bench)",
     )
-    output.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's)")
+    output.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     output.add_argument("--no-progress", action="store_true", help="no progress bar")
     output.add_argument("--note", default=None, help="a free-text note stored with the results")
 
