@@ -105,15 +105,21 @@ def load_demo(drafter: bool = True, dtype=None, device=None):
         model = model.to(device)
     model.eval()
     if drafter:
-        import warnings
-
-        from peft import PeftModel
-
-        with warnings.catch_warnings():  # PEFT reads transformers' deprecated `is_gradient_checkpointing`
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            model = PeftModel.from_pretrained(model, demo_drafter_path(), adapter_name="drafter").eval()
-        model = model.base_model.model  # the LoRA layers stay inside; generate() toggles them per forward
+        model = attach_drafter(model, demo_drafter_path())
     return model, AutoTokenizer.from_pretrained(path)
 
 
-__all__ = ["CACHE_ENV", "cache_dir", "demo_available", "demo_drafter_path", "demo_path", "gguf_path", "load_demo"]
+def attach_drafter(model, folder, adapter_name: str = "drafter"):
+    """Attaches the PEFT LoRA drafter saved in `folder` as adapter `adapter_name` and returns the model itself (the
+    LoRA layers stay inside it; generate() turns them on for LinearSpec draft forwards only)."""
+    import warnings
+
+    from peft import PeftModel
+
+    with warnings.catch_warnings():  # PEFT reads transformers' deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        wrapped = PeftModel.from_pretrained(model, folder, adapter_name=adapter_name)
+    return wrapped.base_model.model.eval()
+
+
+__all__ = ["CACHE_ENV", "attach_drafter", "cache_dir", "demo_available", "demo_drafter_path", "demo_path", "gguf_path", "load_demo"]

@@ -270,17 +270,18 @@ def _attach_drafter(model, choice, path, demo):
     if folder is None:
         return model
     try:
-        from peft import PeftModel
+        import peft  # noqa: F401
     except ImportError:
         if choice.lower() == "auto":
             print("nemotron-diffusion: peft is not installed, so the drafter is not attached", file=sys.stderr)
             return model
         raise UserError(f"--drafter {choice!r} needs peft: pip install peft") from None
     try:
-        wrapped = PeftModel.from_pretrained(model, folder, adapter_name="drafter")
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as error:
+        from ..demo import attach_drafter
+
+        return attach_drafter(model, folder)
+    except (ImportError, OSError, ValueError, KeyError, RuntimeError, TypeError) as error:
         raise UserError(f"cannot attach the drafter {folder!r}: {_first_line(error)}") from error
-    return wrapped.base_model.model  # the LoRA layers stay inside the model
 
 
 # -------------------------------------------------------------------------------------------------- prompts
