@@ -892,3 +892,53 @@ def test_merged_adapter_is_refused(wrapper, mode):
         layer.unmerge()
     out = _gen(outer, ids, mask, mode, max_new_tokens=6, block_size=4, eos_token_id=None)
     assert torch.equal(out.sequences, _gen(base, ids, mask, "ar", max_new_tokens=6, eos_token_id=None).sequences)
+
+
+def _mask_embedding_drafter(seed=0):
+    """A tiny model with a drafter of the training recipe's kind: LoRA plus the mask token's embedding row (PEFT
+    trainable tokens), all with random values so that they change the drafts."""
+    from nemotron_diffusion.training import add_drafter_adapter
+
+    wrapped = add_drafter_adapter(tiny_model(seed), r=4, adapter_name="drafter")
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, parameter in wrapped.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                parameter.normal_(0.0, 0.3)
+    return wrapped.base_model.model.eval()
+
+
+def test_draft_token_embedding_equals_peft_trainable_tokens():
+    """The sparse embedding used by draft forwards computes exactly what PEFT's trainable-tokens layer does with
+    its adapter on (which rebuilds the whole embedding matrix on every call)."""
+    from nemotron_diffusion.generation_nemotron_diffusion import _DraftTokenEmbedding
+
+    model = _mask_embedding_drafter()
+    wrapper = model.encoder.embed_tokens
+    ids = torch.randint(0, model.config.vocab_size, (3, 17))
+    ids[0, 2:9] = model.config.mask_token_id
+    with torch.no_grad():
+        expected = wrapper(ids)  # adapter on (PEFT's default state after get_peft_model)
+        sparse = _DraftTokenEmbedding.for_wrapper(wrapper, wrapper.original_module, "drafter")
+        assert sparse is not None
+        assert torch.equal(sparse(ids), expected)
+        assert not torch.equal(expected[0, 2], wrapper.original_module(ids)[0, 2])  # the row really is trained
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_sparse_draft_embedding_changes_nothing(monkeypatch, do_sample):
+    """LinearSpec with the sparse draft embedding gives the same tokens, acceptance lengths and forwards as with
+    PEFT's own trainable-tokens layer in the draft forwards."""
+    from nemotron_diffusion import generation_nemotron_diffusion as generation
+
+    model = _mask_embedding_drafter()
+    ids, mask = random_batch(5, [6, 9, 4], 40)
+    kwargs = dict(max_new_tokens=24, block_size=5, eos_token_id=None, do_sample=do_sample, temperature=0.9)
+    torch.manual_seed(3)
+    fast = _gen(model, ids, mask, "linear_spec", **kwargs)
+    monkeypatch.setattr(generation._DraftTokenEmbedding, "for_wrapper", classmethod(lambda cls, *args: None))
+    torch.manual_seed(3)
+    peft_path = _gen(model, ids, mask, "linear_spec", **kwargs)
+    assert torch.equal(fast.sequences, peft_path.sequences)
+    assert torch.equal(fast.acceptance_lengths, peft_path.acceptance_lengths)
+    assert torch.equal(fast.num_forwards, peft_path.num_forwards)
