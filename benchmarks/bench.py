@@ -266,12 +266,9 @@ def _adapter_digest(folder):
 
 
 def _base_module(module):
-    """The module a PEFT wrapper (LoRA layer, trainable tokens) computes with its adapters off."""
-    from torch import nn
+    from nemotron_diffusion.generation_nemotron_diffusion import _peft_base_module
 
-    while isinstance(inner := getattr(module, "base_layer", getattr(module, "original_module", None)), nn.Module):
-        module = inner
-    return module
+    return _peft_base_module(module)
 
 
 def native_twin(model):

@@ -324,14 +324,19 @@ def _wrapper_swaps(model):
             if not hasattr(child, "_disable_adapters"):
                 visit(child)
                 continue
-            base = child
-            while isinstance(inner := getattr(base, "base_layer", getattr(base, "original_module", None)), nn.Module):
-                base = inner
+            base = _peft_base_module(child)
             if base is not child and not hasattr(child, "_hf_hook"):
                 swaps.append((parent, name, child, base))
 
     visit(model)
     return swaps
+
+
+def _peft_base_module(module):
+    """The module a PEFT wrapper (LoRA layer, trainable tokens, modules to save) computes with its adapters off."""
+    while isinstance(inner := getattr(module, "base_layer", getattr(module, "original_module", None)), nn.Module):
+        module = inner
+    return module
 
 
 class _DraftTokenEmbedding(nn.Module):
@@ -693,8 +698,8 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         """A StaticCache with room for the prompt, every new token and the largest chunk a loop writes past the
         committed tokens (a verify block, or QuadraticSpec's B*(B+1) chunk). In a batch, rows that keep fewer
         tokens leave holes until compaction (at most a quarter of the cache): the committed part gets 4/3 room."""
-        batch, prompt_length = input_ids.shape
-        committed = prompt_length + generation_config.max_length - prompt_length
+        batch = input_ids.shape[0]
+        committed = generation_config.max_length  # prompt + new tokens
         if batch > 1:
             committed = -(-4 * committed // 3)
         block = generation_config.block_size
