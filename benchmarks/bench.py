@@ -248,8 +248,23 @@ def load_bench_model(args):
     drafter = None
     if any(hasattr(m, "lora_A") for m in model.modules()):
         drafter = common._drafter_folder(args.drafter, path, demo=args.model is None)
-    name = "the demo model (SmolLM2-135M-Instruct, tri-mode)" if args.model is None else path
-    return model, tokenizer, f"{name} at {path}", drafter
+    if args.model is None:
+        description = "the demo model (SmolLM2-135M-Instruct, tri-mode; nemotron_diffusion.demo.demo_path())"
+    else:
+        description = _display_path(path)
+    return model, tokenizer, description, drafter
+
+
+def _display_path(path):
+    """`path` as written into results: relative to the source tree when inside it, `~/...` under the home folder,
+    so committed results carry no machine-specific absolute paths."""
+    if path is None:
+        return None
+    resolved = Path(path).resolve()
+    for base, shown in ((ROOT, ""), (Path.home(), "~/")):
+        if resolved.is_relative_to(base):
+            return shown + str(resolved.relative_to(base))
+    return str(path)
 
 
 def _adapter_digest(folder):
@@ -1276,7 +1291,7 @@ def _run(args):
             "short": short,
             "dtype": str(model.dtype).replace("torch.", ""),
             "parameters": sum(p.numel() for p in model.parameters()),
-            "drafter": drafter,
+            "drafter": _display_path(drafter),
             "drafter_sha256": _adapter_digest(drafter),
             "config": {
                 k: getattr(model.config, k)
