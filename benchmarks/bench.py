@@ -281,7 +281,7 @@ def _adapter_digest(folder):
 
 
 def _base_module(module):
-    from nemotron_diffusion.generation_nemotron_diffusion import _peft_base_module
+    from nemotron_diffusion.drafting_nemotron_diffusion import peft_base_module as _peft_base_module
 
     return _peft_base_module(module)
 

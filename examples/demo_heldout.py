@@ -26,7 +26,7 @@ import transformers
 
 import nemotron_diffusion  # noqa: F401
 from nemotron_diffusion.demo import demo_drafter_path, load_demo
-from nemotron_diffusion.generation_nemotron_diffusion import DECODE_MODES
+from nemotron_diffusion.generation_config_nemotron_diffusion import DECODE_MODES
 from nemotron_diffusion.training import stdlib_files, stdlib_prompts
 
 DEFAULT_CONFIGS = "ar,diffusion:8,linear_spec:4,linear_spec:8,linear_spec:16,quadratic_spec:4,quadratic_spec:8"

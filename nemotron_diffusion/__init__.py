@@ -9,13 +9,13 @@ NVIDIA's published layout (`model_type: "nemotron_labs_diffusion"`) loads with t
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_nemotron_diffusion import NemotronDiffusionConfig
-from .generation_nemotron_diffusion import (
+from .generation_config_nemotron_diffusion import (
     DECODE_MODES,
     GENERATION_FIELDS,
-    NemotronDiffusionGenerateOutput,
-    NemotronDiffusionGenerationMixin,
-    ThinkingBudgetLogitsProcessor,
+    NemotronDiffusionGenerationConfig,
 )
+from .generation_nemotron_diffusion import NemotronDiffusionGenerateOutput, NemotronDiffusionGenerationMixin
+from .sampling_nemotron_diffusion import ThinkingBudgetLogitsProcessor
 from .modeling_nemotron_diffusion import (
     NemotronDiffusionCausalLMOutput,
     NemotronDiffusionForCausalLM,
@@ -38,6 +38,7 @@ __all__ = [
     "NemotronDiffusionConfig",
     "NemotronDiffusionForCausalLM",
     "NemotronDiffusionGenerateOutput",
+    "NemotronDiffusionGenerationConfig",
     "NemotronDiffusionGenerationMixin",
     "NemotronDiffusionModel",
     "NemotronDiffusionPreTrainedModel",

@@ -30,11 +30,14 @@ ADDED_MASK_TOKEN = "<|mask|>"
 # Tokens whose name says they are free for a new purpose, in order of preference.
 _MASK_NAMES = ("<|mask|>", "<mask>", "[MASK]", "<|MASK|>", "<MASK>")
 _RESERVED_PATTERN = re.compile(r"reserved|unused|^\[control_\d+\]$|^<SPECIAL_\d+>$", re.IGNORECASE)
-_OUR_MODEL_FILES = (
-    "configuration_nemotron_diffusion.py",
-    "modeling_nemotron_diffusion.py",
-    "generation_nemotron_diffusion.py",
-)
+
+
+def _our_model_files():
+    """The model file and every file it imports with single-dot relative imports, as `save_pretrained` copies them."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    modeling = Path(__file__).resolve().parent / "modeling_nemotron_diffusion.py"
+    return sorted({modeling.name} | {Path(p).name for p in get_relative_import_files(str(modeling))})
 
 
 @dataclass
@@ -427,7 +430,7 @@ def convert_nvidia_folder(src, dst, link: str = "hardlink", overwrite: bool = Fa
         written.append(entry.name)
 
     package_dir = Path(__file__).resolve().parent
-    for name in _OUR_MODEL_FILES:
+    for name in _our_model_files():
         shutil.copy2(package_dir / name, dst / name)
         written.append(name)
     config["auto_map"] = dict(_AUTO_MAP)

@@ -14,7 +14,10 @@ the token *at* that position (a mask slot predicts its own token).
 """
 
 import contextlib
+import copy
 import inspect
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,12 +34,13 @@ from transformers.models.ministral3.modeling_ministral3 import (
     Ministral3RMSNorm,
     Ministral3RotaryEmbedding,
 )
-from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+from transformers.utils import CONFIG_NAME, is_flash_attn_2_available, is_flash_attn_3_available
 from transformers.utils.output_capturing import capture_outputs
 
 from .cache_nemotron_diffusion import ReadOnlyCache, is_static_cache, rewind_cache
 from .configuration_nemotron_diffusion import NemotronDiffusionConfig
-from .generation_nemotron_diffusion import GENERATION_FIELDS, NemotronDiffusionGenerationMixin
+from .generation_config_nemotron_diffusion import NemotronDiffusionGenerationConfig
+from .generation_nemotron_diffusion import NemotronDiffusionGenerationMixin
 from .model_card import should_write as _should_write_card
 from .model_card import write_model_card
 
@@ -318,6 +322,7 @@ class NemotronDiffusionForCausalLM(NemotronDiffusionPreTrainedModel, NemotronDif
     _pp_plan = {"diffusion_head": (["hidden_states"], ["logits"])}
     # The loss is a per-batch mean whose denominator (masked tokens) is not the Trainer's `num_items_in_batch`.
     accepts_loss_kwargs = False
+    generation_config_class = NemotronDiffusionGenerationConfig
 
     def __init__(self, config: NemotronDiffusionConfig):
         super().__init__(config)
@@ -329,8 +334,10 @@ class NemotronDiffusionForCausalLM(NemotronDiffusionPreTrainedModel, NemotronDif
         _greedy_unless_configured(self.generation_config)
 
     def adjust_generation_fn(self, *args, **kwargs):
-        # `from_pretrained` replaces the generation config with the folder's generation_config.json (if any).
+        # `from_pretrained` replaces the generation config with a plain `GenerationConfig` read from the folder's
+        # generation_config.json (if any): it becomes ours, with the same fields.
         super().adjust_generation_fn(*args, **kwargs)
+        self.generation_config = _as_our_generation_config(self.generation_config)
         _greedy_unless_configured(self.generation_config)
 
     def save_pretrained(self, save_directory, *args, model_card=None, **kwargs):
@@ -349,21 +356,21 @@ class NemotronDiffusionForCausalLM(NemotronDiffusionPreTrainedModel, NemotronDif
             raise ValueError(
                 f"save_pretrained: `model_card`={model_card!r} is invalid; allowed: None, True, False, a dict."
             )
-        saved_auto_map = getattr(self.config, "auto_map", None)
-        saved_from_model_config = getattr(self.generation_config, "_from_model_config", None)
-        self.config.auto_map = dict(_AUTO_MAP)
-        _greedy_unless_configured(self.generation_config)  # a generation config assigned after init may lack it
-        added_fields = _add_generation_fields(self.generation_config)
-        if self.generation_config is not None:
-            self.generation_config._from_model_config = False
-        try:
-            output = super().save_pretrained(save_directory, *args, **kwargs)
-        finally:
-            self.config.auto_map = saved_auto_map
+        output = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            # Written after transformers' own files, from copies: the model's config and generation config are left
+            # as they are. config.json gets the full `auto_map`; generation_config.json is written by our class
+            # (authoritative, `do_sample` and the mode fields listed), whatever class was assigned to the model.
+            config_path = os.path.join(save_directory, CONFIG_NAME)
+            with open(config_path, encoding="utf-8") as f:
+                saved = json.load(f)
+            saved["auto_map"] = dict(_AUTO_MAP)
+            with open(config_path, "w", encoding="utf-8") as f:
+                f.write(json.dumps(saved, indent=2, sort_keys=True) + "\n")
             if self.generation_config is not None:
-                self.generation_config._from_model_config = saved_from_model_config
-                for name in added_fields:
-                    delattr(self.generation_config, name)
+                generation_config = _as_our_generation_config(self.generation_config)
+                _greedy_unless_configured(generation_config)
+                generation_config.save_pretrained(save_directory)
         write_card = model_card is not False and kwargs.get("is_main_process", True) and not kwargs.get("push_to_hub")
         if write_card and (model_card is not None or _should_write_card(save_directory)):
             fields = model_card if isinstance(model_card, dict) else {}
@@ -569,26 +576,14 @@ def _greedy_unless_configured(generation_config):
         generation_config.do_sample = False
 
 
-# Mode fields whose default does not depend on the mode: saved in generation_config.json when unset, so the file
-# lists them. (`block_size` and `confidence_threshold` are saved only when set: their defaults follow the mode.)
-_SAVED_MODE_FIELDS = (
-    "decode_mode",
-    "causal_context",
-    "max_denoising_steps",
-    "max_thinking_tokens",
-    "end_think_token_id",
-    "drafter_adapter",
-)
-
-
-def _add_generation_fields(generation_config):
-    """Sets the unset `_SAVED_MODE_FIELDS` to their defaults; returns their names (removed again after saving)."""
-    if generation_config is None:
-        return []
-    added = [name for name in _SAVED_MODE_FIELDS if not hasattr(generation_config, name)]
-    for name in added:
-        setattr(generation_config, name, GENERATION_FIELDS[name])
-    return added
+def _as_our_generation_config(generation_config):
+    """The generation config as a `NemotronDiffusionGenerationConfig` (a copy when it is another class)."""
+    if generation_config is None or isinstance(generation_config, NemotronDiffusionGenerationConfig):
+        return generation_config
+    converted = NemotronDiffusionGenerationConfig.from_dict(copy.deepcopy(generation_config.to_dict()))
+    if hasattr(generation_config, "_original_object_hash"):
+        converted._original_object_hash = hash(converted)
+    return converted
 
 
 _AUTO_MAP = {

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .generation_nemotron_diffusion import _adapters_for_drafting
+from .drafting_nemotron_diffusion import adapters_for_drafting
 from .modeling_nemotron_diffusion import _CACHE_FIELD
 
 IGNORE_INDEX = -100
@@ -383,7 +383,7 @@ def drafter_loss(model, batch, block_size: int, use_adapter: bool = True, temper
     num_blocks = starts.shape[1]
     slots = torch.arange(block_size, device=device)
 
-    toggles = _adapters_for_drafting(core, None) if use_adapter else contextlib.nullcontext(lambda on: None)
+    toggles = adapters_for_drafting(core, None) if use_adapter else contextlib.nullcontext(lambda on: None)
     with toggles as set_drafting:
         set_drafting(False)
         with torch.no_grad():

@@ -1,6 +1,6 @@
 """Speculative *sampling* is exact: LinearSpec and QuadraticSpec at temperature > 0 sample from AR's distribution.
 
-* Unit tests of the acceptance rule (`_speculative_accept`, rule R with a recorded q) on synthetic p and q.
+* Unit tests of the acceptance rule (`speculative_accept`, rule R with a recorded q) on synthetic p and q.
 * End to end: the joint distribution of the first generated tokens of a tiny fp32 model, enumerated exactly with
   full causal forwards, against a few thousand speculative samples (one batched `generate` of identical prompts),
   with a chi-square test. Models: a random one whose drafts differ from AR (the rejection/residual path matters) and
@@ -24,7 +24,7 @@ from transformers.generation.logits_process import (
 )
 
 from conftest import tiny_model
-from nemotron_diffusion.generation_nemotron_diffusion import _left_to_right_commits, _speculative_accept
+from nemotron_diffusion.sampling_nemotron_diffusion import left_to_right_commits, speculative_accept
 
 
 P_MIN = 0.01
@@ -93,7 +93,7 @@ def run_rule(p, q=None, draft=None, seed=0):
         draft = torch.as_tensor(draft, dtype=torch.long)[None].expand(N_UNIT, -1).clone()
         q_rows = None
     draft_before = draft.clone()
-    accepted, emitted = _speculative_accept(draft, scores, q_rows, True)
+    accepted, emitted = speculative_accept(draft, scores, q_rows, True)
     assert torch.equal(draft, draft_before), "the drafts must not be modified"
     assert accepted.shape == (N_UNIT,) and emitted.shape == (N_UNIT, k + 1)
     assert ((accepted >= 0) & (accepted <= k)).all()
@@ -185,10 +185,10 @@ def test_greedy_rule():
         ]
     )
     draft = torch.tensor([[1, 0], [1, 2], [2, 0], [0, 0]])
-    accepted, emitted = _speculative_accept(draft, scores, None, False)
+    accepted, emitted = speculative_accept(draft, scores, None, False)
     assert accepted.tolist() == [2, 1, 0, 0]
     assert emitted.tolist() == [[1, 0, 2]] * 4
-    accepted, emitted = _speculative_accept(draft[:, :0], scores[:, :1], None, False)
+    accepted, emitted = speculative_accept(draft[:, :0], scores[:, :1], None, False)
     assert accepted.tolist() == [0] * 4 and emitted[:, 0].tolist() == [1] * 4
 
 
@@ -437,7 +437,7 @@ def test_left_to_right_commit_rule():
         [[True, True, True, True], [False, True, True, True], [False, False, True, True], [True, True, True, True]]
     )
     max_prob = torch.tensor([[0.9, 0.2, 0.95, 0.99], [0.0, 0.1, 0.8, 0.2], [0.0, 0.0, 0.1, 0.9], [0.1, 0.6, 0.7, 0.8]])
-    commit = _left_to_right_commits(max_prob, masked, 0.5)
+    commit = left_to_right_commits(max_prob, masked, 0.5)
     assert commit.tolist() == [
         [True, False, False, False],
         [False, True, True, False],

@@ -839,21 +839,28 @@ def test_lora_state_restored_after_an_exception(wrapper):
 
 @pytest.mark.parametrize("wrapper", WRAPPERS)
 def test_drafter_adapter_selects_the_adapter(wrapper):
-    """(d) drafter_adapter picks which adapter drafts; None drafts with the active one; an unknown name raises."""
+    """(d) drafter_adapter picks which adapter drafts and is the only adapter generate() switches: a named drafter
+    is on in draft forwards only, every other adapter keeps the user's state ("one" stays active in every forward);
+    None makes every adapter the drafter (causal forwards run the base weights); an unknown name raises."""
     base, model, outer = _with_lora(wrapper, names=("one", "two"))
     ids, mask = _lora_prompt()
     kwargs = dict(max_new_tokens=12, block_size=5, eos_token_id=None)
     reference = _gen(base, ids, mask, "ar", **kwargs).sequences
+    # AR of the model as the user set it ("one" active), e.g. what a task LoRA gives
+    with_one = _gen(outer, ids, mask, "ar", drafter_adapter="two", **kwargs).sequences
+    assert not torch.equal(with_one, reference)
     results = {}
-    for choice, expected in [("two", {"two"}), ("one", {"one"}), (None, {"one"})]:
+    cases = [("two", {"one", "two"}, {"one"}, with_one), ("one", {"one"}, set(), reference),
+             (None, {"one"}, set(), reference)]
+    for choice, drafting, causal, expected_tokens in cases:
         log = ForwardLog(model)
         try:
             out = _gen(outer, ids, mask, "linear_spec", drafter_adapter=choice, **kwargs)
         finally:
             log.remove()
-        assert torch.equal(out.sequences, reference)
-        assert all(c["ran"] == expected for c in log.calls if c["draft"]), (choice, [c["ran"] for c in log.calls])
-        assert all(not c["ran"] for c in log.calls if not c["draft"])
+        assert torch.equal(out.sequences, expected_tokens), choice
+        assert all(c["ran"] == drafting for c in log.calls if c["draft"]), (choice, [c["ran"] for c in log.calls])
+        assert all(c["ran"] == causal for c in log.calls if not c["draft"]), choice
         assert all(active == ["one"] for _, active, _ in lora_state(model)[0])
         results[choice] = [c["hidden"] for c in log.calls if c["draft"]][0]
     assert not torch.allclose(results["one"], results["two"])
@@ -874,8 +881,9 @@ def test_drafter_adapter_selects_the_adapter(wrapper):
             )
     finally:
         log.remove()
-    assert torch.equal(out.sequences, reference)
-    assert all(c["ran"] == {"two"} for c in log.calls if c["draft"])
+    assert torch.equal(out.sequences, with_one)
+    assert all(c["ran"] == {"one", "two"} for c in log.calls if c["draft"])
+    assert all(c["ran"] == {"one"} for c in log.calls if not c["draft"])
 
 
 @pytest.mark.parametrize("wrapper", ["get_peft_model", "add_adapter"])
@@ -911,7 +919,7 @@ def _mask_embedding_drafter(seed=0):
 def test_draft_token_embedding_equals_peft_trainable_tokens():
     """The sparse embedding used by draft forwards computes exactly what PEFT's trainable-tokens layer does with
     its adapter on (which rebuilds the whole embedding matrix on every call)."""
-    from nemotron_diffusion.generation_nemotron_diffusion import _DraftTokenEmbedding
+    from nemotron_diffusion.drafting_nemotron_diffusion import DraftTokenEmbedding
 
     model = _mask_embedding_drafter()
     wrapper = model.encoder.embed_tokens
@@ -919,7 +927,7 @@ def test_draft_token_embedding_equals_peft_trainable_tokens():
     ids[0, 2:9] = model.config.mask_token_id
     with torch.no_grad():
         expected = wrapper(ids)  # adapter on (PEFT's default state after get_peft_model)
-        sparse = _DraftTokenEmbedding.for_wrapper(wrapper, wrapper.original_module, "drafter")
+        sparse = DraftTokenEmbedding.for_wrapper(wrapper, wrapper.original_module, ["drafter"])
         assert sparse is not None
         assert torch.equal(sparse(ids), expected)
         assert not torch.equal(expected[0, 2], wrapper.original_module(ids)[0, 2])  # the row really is trained
@@ -929,14 +937,14 @@ def test_draft_token_embedding_equals_peft_trainable_tokens():
 def test_sparse_draft_embedding_changes_nothing(monkeypatch, do_sample):
     """LinearSpec with the sparse draft embedding gives the same tokens, acceptance lengths and forwards as with
     PEFT's own trainable-tokens layer in the draft forwards."""
-    from nemotron_diffusion import generation_nemotron_diffusion as generation
+    from nemotron_diffusion import drafting_nemotron_diffusion as drafting
 
     model = _mask_embedding_drafter()
     ids, mask = random_batch(5, [6, 9, 4], 40)
     kwargs = dict(max_new_tokens=24, block_size=5, eos_token_id=None, do_sample=do_sample, temperature=0.9)
     torch.manual_seed(3)
     fast = _gen(model, ids, mask, "linear_spec", **kwargs)
-    monkeypatch.setattr(generation._DraftTokenEmbedding, "for_wrapper", classmethod(lambda cls, *args: None))
+    monkeypatch.setattr(drafting.DraftTokenEmbedding, "for_wrapper", classmethod(lambda cls, *args: None))
     torch.manual_seed(3)
     peft_path = _gen(model, ids, mask, "linear_spec", **kwargs)
     assert torch.equal(fast.sequences, peft_path.sequences)

@@ -12,7 +12,7 @@ from conftest import MASK_ID, PAD_ID, tiny_model
 from transformers import DynamicCache
 
 from nemotron_diffusion.cli import main as cli_main
-from nemotron_diffusion.generation_nemotron_diffusion import _adapters_for_drafting
+from nemotron_diffusion.drafting_nemotron_diffusion import adapters_for_drafting
 from nemotron_diffusion.modeling_nemotron_diffusion import block_diff_mask_function
 from nemotron_diffusion.training import (
     DrafterCollator,
@@ -193,7 +193,7 @@ def test_drafter_layout_equals_linear_spec_draft_forwards():
     layout = captured[-1].reshape(2, 4, block - 1, -1)
     assert int(out.num_blocks) == 7
 
-    with torch.no_grad(), _adapters_for_drafting(core, None) as set_drafting:
+    with torch.no_grad(), adapters_for_drafting(core, None) as set_drafting:
         for b in range(2):
             for k in range(4):
                 c = int(starts[b, k])

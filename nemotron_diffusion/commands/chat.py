@@ -9,7 +9,7 @@ import sys
 import time
 
 from ..cli import UserError
-from ..generation_nemotron_diffusion import DECODE_MODES
+from ..generation_config_nemotron_diffusion import DECODE_MODES
 from .common import (
     _UNSET,
     Settings,

@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 
 from ..cli import UserError
-from ..generation_nemotron_diffusion import DECODE_MODES
+from ..generation_config_nemotron_diffusion import DECODE_MODES
 
 
 SPEC_MODES = ("linear_spec", "quadratic_spec")

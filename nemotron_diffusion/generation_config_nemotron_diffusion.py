@@ -1,0 +1,198 @@
+# Copyright 2026 The nemotron-diffusion authors. Licensed under the Apache License, Version 2.0.
+"""`NemotronDiffusionGenerationConfig`: a `GenerationConfig` with the fields of the tri-mode decoding loops."""
+
+import copy
+
+from transformers import GenerationConfig
+
+DECODE_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
+# Modes whose bidirectional (mask) forwards a drafter adapter may serve.
+DRAFTING_MODES = ("diffusion", "linear_spec", "quadratic_spec")
+
+# The fields of this package and their defaults. `block_size` and `confidence_threshold` default per mode.
+GENERATION_FIELDS = {
+    "decode_mode": "ar",
+    "block_size": None,
+    "confidence_threshold": None,
+    "causal_context": True,
+    "max_denoising_steps": None,
+    "max_thinking_tokens": None,
+    "end_think_token_id": None,
+    "drafter_adapter": None,
+    "drafter_modes": ("linear_spec",),
+}
+PER_MODE_DEFAULTS = {
+    "block_size": {"ar": 32, "diffusion": 32, "linear_spec": 32, "quadratic_spec": 16},
+    "confidence_threshold": {"ar": None, "diffusion": 0.9, "linear_spec": None, "quadratic_spec": None},
+}
+
+
+def mode_field(name, overrides, *configs):
+    """The value of mode field `name` for one call: from `overrides` (the `generate()` keyword arguments), else the
+    first of `configs` (generation configs, `None` skipped) that has it set, else its default; `_UNSET` for a
+    field whose default follows the mode."""
+    if name in overrides:
+        return overrides[name]
+    for config in configs:
+        if config is not None and name in vars(config):
+            return vars(config)[name]
+    return _UNSET if name in PER_MODE_DEFAULTS else GENERATION_FIELDS[name]
+
+
+_UNSET = object()
+
+
+class NemotronDiffusionGenerationConfig(GenerationConfig):
+    r"""
+    A [`GenerationConfig`] with the fields of the tri-mode decoding loops (on top of every field of the base class).
+
+    Args:
+        decode_mode (`str`, *optional*, defaults to `"ar"`):
+            Which decoding loop `generate()` runs: `"ar"`, `"diffusion"`, `"linear_spec"` or `"quadratic_spec"`.
+        block_size (`int`, *optional*):
+            Tokens per diffusion block / speculative draft (>= 1; >= 2 in the spec modes). Default 32, 16 for
+            `"quadratic_spec"` (its forward carries B*(B+1) query tokens).
+        confidence_threshold (`float` or `None`, *optional*):
+            Diffusion: every masked slot whose confidence reaches it is committed per step, plus the most confident
+            one; `None` commits one slot per step. LinearSpec: `None` drafts a block in one forward, a value drafts
+            in several. Default 0.9 in diffusion, `None` in the spec modes. `None` is a value: it is not "unset".
+        causal_context (`bool`, *optional*, defaults to `True`):
+            Diffusion: seed each block with the AR token of the causal prefix (NVIDIA's default), or encode the prompt
+            and commit blocks bidirectionally (`False`).
+        max_denoising_steps (`int`, *optional*):
+            Diffusion: at most this many denoising forwards per block; the last one commits every remaining slot.
+        max_thinking_tokens (`int`, *optional*), end_think_token_id (`int`, *optional*):
+            Thinking budget: generated token number `max_thinking_tokens + 1` is `end_think_token_id` unless that
+            token appeared before (the same rule in every mode).
+        drafter_adapter (`str`, `False` or `None`, *optional*):
+            Name of the PEFT adapter that drafts: the only adapter `generate()` switches (on in the forwards of
+            `drafter_modes` it serves, off in every other forward); every other adapter keeps the state the user
+            set. `False`: no adapter drafts, every adapter keeps the user's state in every forward (a task LoRA).
+            `None` (default): every attached adapter is the drafter (NVIDIA's `linear_spec_lora` attached alone).
+        drafter_modes (`tuple[str]`, *optional*, defaults to `("linear_spec",)`):
+            The modes whose bidirectional forwards the drafter serves: LinearSpec's draft forwards, diffusion's
+            denoising forwards, QuadraticSpec's mask slots (its verify slots keep the base computation, so it stays
+            lossless). Every causal forward runs without the drafter. NVIDIA's checkpoints keep the default (their
+            base model was trained for diffusion); the SmolLM2 demo serves all three.
+
+    A field that is not set anywhere is absent from the instance (not `None`, since `None` is a meaningful value of
+    several fields): `generate()` reads each field from its keyword argument, else the `generation_config` passed to
+    it, else the model's generation config, else the default above (`resolved`). `save_pretrained` writes every
+    field whose default does not depend on the mode, so a saved `generation_config.json` lists them.
+    """
+
+    def __init__(self, **kwargs):
+        mode_fields = {name: kwargs.pop(name) for name in GENERATION_FIELDS if name in kwargs}
+        if kwargs.get("_from_model_config"):
+            # Built from a model's config.json (which has a `block_size` of its own, the training block): like the
+            # base class, take no extra field from it.
+            mode_fields = {}
+        super().__init__(**kwargs)
+        for name, value in mode_fields.items():
+            setattr(self, name, list(value) if name == "drafter_modes" and isinstance(value, tuple) else value)
+        self.validate_mode_fields()  # the base class validated before these were set
+
+    @classmethod
+    def resolved(cls, base: GenerationConfig, overrides: dict, *fallbacks: GenerationConfig):
+        """A new config: `base`'s fields (a prepared `GenerationConfig` of any class) with every mode field set,
+        from `overrides` (the `generate()` keyword arguments), else the first of `fallbacks` that has it, else the
+        default of the chosen mode. Validates the mode fields; nothing passed in is modified."""
+        fields = copy.deepcopy(base.to_dict())
+        for name in GENERATION_FIELDS:
+            fields.pop(name, None)
+        config = cls.from_dict(fields)
+        for name in GENERATION_FIELDS:
+            value = mode_field(name, overrides, *fallbacks)
+            if value is not _UNSET:  # per-mode defaults are set below, once the mode is known
+                setattr(config, name, value)
+        config.validate_mode_fields()  # a bad decode_mode is named before its defaults are looked up
+        for name, defaults in PER_MODE_DEFAULTS.items():
+            if name not in vars(config):
+                setattr(config, name, defaults[config.decode_mode])
+        config.validate_mode_fields()
+        return config
+
+    def validate(self, *args, **kwargs):
+        super().validate(*args, **kwargs)
+        self.validate_mode_fields()
+
+    def validate_mode_fields(self):
+        """Checks the mode fields that are set, against each other; raises a `ValueError` naming the field, its value
+        and what is allowed. (Checks against the model, e.g. token ids, are in `validate_for_model`.)"""
+        mode = getattr(self, "decode_mode", "ar")
+        if mode not in DECODE_MODES:
+            raise ValueError(f"`decode_mode`={mode!r} is invalid; allowed: {DECODE_MODES}.")
+
+        def bad(field, value, allowed):
+            raise ValueError(f"`{field}`={value!r} is invalid for decode_mode={mode!r}; allowed: {allowed}.")
+
+        if hasattr(self, "block_size") and self.block_size is not None:
+            block_size = self.block_size
+            if not _is_int(block_size) or block_size < 1:
+                bad("block_size", block_size, "an int >= 1")
+            if mode in ("linear_spec", "quadratic_spec") and block_size < 2:
+                bad("block_size", block_size, "an int >= 2 (one seed slot plus at least one draft slot)")
+        threshold = getattr(self, "confidence_threshold", None)
+        if threshold is not None and (
+            isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1
+        ):
+            bad("confidence_threshold", threshold, "a float in (0, 1], or None")
+        if mode == "quadratic_spec" and threshold is not None:
+            bad("confidence_threshold", threshold, "None (QuadraticSpec drafts the next block in the verify forward)")
+        causal = getattr(self, "causal_context", True)
+        if not isinstance(causal, bool):
+            bad("causal_context", causal, "True or False")
+        if mode != "diffusion" and causal is not True:
+            bad("causal_context", causal, "True (only diffusion can encode without it)")
+        steps = getattr(self, "max_denoising_steps", None)
+        if steps is not None and (not _is_int(steps) or steps < 1):
+            bad("max_denoising_steps", steps, "an int >= 1, or None")
+        budget = getattr(self, "max_thinking_tokens", None)
+        if budget is not None and (not _is_int(budget) or budget < 0):
+            bad("max_thinking_tokens", budget, "an int >= 0, or None")
+        adapter = getattr(self, "drafter_adapter", None)
+        if adapter is not None and adapter is not False and not isinstance(adapter, str):
+            bad("drafter_adapter", adapter, "an adapter name (str), False (no drafter) or None (every adapter)")
+        drafter_modes = getattr(self, "drafter_modes", ())
+        if isinstance(drafter_modes, str) or not isinstance(drafter_modes, (list, tuple)) or any(
+            m not in DRAFTING_MODES for m in drafter_modes
+        ):
+            bad("drafter_modes", drafter_modes, f"a list of modes from {DRAFTING_MODES}")
+
+    def validate_for_model(self, model_config):
+        """Checks of the (resolved) mode fields that need the model's config."""
+        mode = self.decode_mode
+        budget, end = self.max_thinking_tokens, self.end_think_token_id
+        if budget is not None and (not _is_int(end) or not 0 <= end < model_config.vocab_size):
+            raise ValueError(
+                f"`end_think_token_id`={end!r} is invalid for decode_mode={mode!r}; allowed: a token id in "
+                f"[0, {model_config.vocab_size}) when max_thinking_tokens is set."
+            )
+        if budget is not None and mode == "diffusion" and end == model_config.mask_token_id:
+            raise ValueError(
+                f"`end_think_token_id`={end!r} is invalid for decode_mode={mode!r}; allowed: a token other than the "
+                f"mask token ({model_config.mask_token_id})."
+            )
+
+    def to_diff_dict(self):
+        # Written by `save_pretrained`: the mode fields whose default is not per mode are listed explicitly, and the
+        # file is authoritative (`_from_model_config` false, else transformers drops the extra fields on reload).
+        fields = super().to_diff_dict()
+        for name, default in GENERATION_FIELDS.items():
+            if name not in PER_MODE_DEFAULTS:
+                fields.setdefault(name, list(default) if isinstance(default, tuple) else default)
+        fields["_from_model_config"] = False
+        return fields
+
+    def to_dict(self):
+        fields = super().to_dict()
+        if isinstance(fields.get("drafter_modes"), tuple):
+            fields["drafter_modes"] = list(fields["drafter_modes"])
+        return fields
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+__all__ = ["DECODE_MODES", "DRAFTING_MODES", "GENERATION_FIELDS", "NemotronDiffusionGenerationConfig", "mode_field"]
