@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from .generation_nemotron_diffusion import _adapters_for_drafting
 from .modeling_nemotron_diffusion import _CACHE_FIELD
+from .tooling import left_pad, progress_bar
 
 IGNORE_INDEX = -100
 TARGETS = ("full", "drafter")
@@ -158,17 +159,13 @@ def distill_sequences(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
     order = [i for g in range(0, len(prompts), group)
              for i in sorted(range(g, min(g + group, len(prompts))), key=lambda i: len(prompts[i]))]
     records = [None] * len(prompts)
-    bar = _progress(total=len(prompts), desc="self-distillation", enabled=progress)
+    bar = progress_bar(total=len(prompts), desc="self-distillation", enabled=progress)
     for start in range(0, len(order), batch_size):
         if deadline is not None and time.time() > deadline:
             break
         chunk = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]):] = 1
+        ids, mask = left_pad([prompts[i] for i in chunk], pad_token_id)
+        width = ids.shape[1]
         out = core.generate(
             ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
             decode_mode="ar", pad_token_id=pad_token_id,
@@ -206,22 +203,6 @@ class RecordDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         return self.records[index]
-
-
-def _progress(total, desc, enabled=True):
-    try:
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, disable=not enabled)
-    except ImportError:  # pragma: no cover
-        class _Null:
-            def update(self, n):
-                pass
-
-            def close(self):
-                pass
-
-        return _Null()
 
 
 # ====================================================================================================== collators
