@@ -5,8 +5,9 @@ Two targets:
 
 * **full** — the whole model learns the joint AR + diffusion objective of `config.dlm_paradigm` (`block_diff` by
   default: the doubled `[x_t | x_0]` sequence, diffusion loss on the noisy half plus `ar_loss_weight` times the AR
-  loss on the clean half; nld-reference.md §6). `JointCollator` draws the noise (t per sequence, each target masked
-  with p = (1 - eps) t + eps) so batches are reproducible, and the model's own `forward(labels=...)` computes the loss.
+  loss on the clean half; docs/reference-model.md §6). `JointCollator` draws the noise (t per sequence, each target
+  masked with p = (1 - eps) t + eps) so batches are reproducible, and the model's own `forward(labels=...)` computes
+  the loss.
 * **drafter** — a PEFT LoRA adapter is trained with the diffusion objective only, the base frozen. The loss is
   computed on exactly the forward LinearSpec drafts with: the prefix goes through the *base* model causally (adapter
   off, no gradient; that is the cache a real draft reads), then blocks `[seed, mask x (B-1)]` at their true
