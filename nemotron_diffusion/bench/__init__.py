@@ -34,5 +34,6 @@ weights can produce denormals that slow CPU matmuls many times over: flushing th
 
 Modules: `arguments` (the flags; imported by the command line, so it imports nothing heavy), `models` (the model
 under test and its stock twin), `prompts`, `measure` (forward timing, peak memory), `sweep`, `checks`, `report`,
-`suite` (one whole run). Tooling beside the model files: the model files never import it.
+`suite` (one whole run), and `generation_internals`, the one place that imports private helpers of the generation
+layer. Tooling beside the model files: the model files never import it.
 """
