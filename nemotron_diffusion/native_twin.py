@@ -2,7 +2,7 @@
 """A tri-mode model and its native transformers twin: the same weights under transformers' own names.
 
 NVIDIA's checkpoints, and this package's models, hold the decoder as `encoder.*` and the LM head as
-`diffusion_head.weight` (docs/reference-model.md §2). A native causal LM (`LlamaForCausalLM`, `MistralForCausalLM`,
+`diffusion_head.weight` (docs/reference-model.md §3). A native causal LM (`LlamaForCausalLM`, `MistralForCausalLM`,
 `Ministral3ForCausalLM`) holds the same tensors as `model.*` and `lm_head.weight`, with the same configuration
 fields. Conversion maps native -> ours; the benchmark and the tests build the native twin of one of our models
 (ours -> native) to compare with transformers' stock `generate()`.
@@ -32,15 +32,6 @@ NATIVE_CONFIG_FIELDS = (
 
 # (our prefix, native prefix) of every weight name.
 _NAME_PREFIXES = (("encoder.", "model."), ("diffusion_head.", "lm_head."))
-
-
-def native_name(name: str) -> str:
-    """The native causal LM's name of one of our weights: `encoder.X` -> `model.X`, `diffusion_head.X` ->
-    `lm_head.X`."""
-    for ours, native in _NAME_PREFIXES:
-        if name.startswith(ours):
-            return native + name[len(ours) :]
-    raise ValueError(f"{name!r} is not a weight name of a tri-mode model (encoder.* or diffusion_head.*)")
 
 
 def our_name(name: str) -> str:
