@@ -23,10 +23,11 @@ import time
 import torch
 import transformers
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import DynamicCache, Ministral3Config, Ministral3ForCausalLM
+from transformers import DynamicCache, Ministral3ForCausalLM
 
 from nemotron_diffusion import NemotronDiffusionConfig, NemotronDiffusionForCausalLM
 from nemotron_diffusion.generation_nemotron_diffusion import _quadratic_mask_function
+from nemotron_diffusion.native_twin import ministral3_config
 
 
 BACKENDS = {
@@ -114,16 +115,8 @@ def forward_kinds(model, context, blocks, quadratic_blocks):
 
 def native_twin(model):
     """Ministral3ForCausalLM sharing our modules (no weight copy): the stock transformers baseline."""
-    c = model.config
-    config = Ministral3Config(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, max_position_embeddings=c.max_position_embeddings,
-        rope_parameters=dict(c.rope_parameters), pad_token_id=c.pad_token_id, eos_token_id=c.eos_token_id,
-        attn_implementation=c._attn_implementation,
-    )
     with torch.device("meta"):
-        native = Ministral3ForCausalLM(config)
+        native = Ministral3ForCausalLM(ministral3_config(model.config))
     native.model.embed_tokens = model.encoder.embed_tokens
     native.model.layers = model.encoder.layers
     native.model.norm = model.encoder.norm

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .native_twin import NATIVE_CONFIG_FIELDS, is_rotary_buffer, our_name
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral3")
 ADDED_MASK_TOKEN = "<|mask|>"
 # Tokens whose name says they are free for a new purpose, in order of preference.
@@ -186,24 +188,18 @@ def build_config(source_config, mask_token_id: int, vocab_size: int, notes: list
             f"source sliding_window={c.sliding_window} dropped (full attention): outputs agree for sequences up to "
             "that length"
         )
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    eos = c.eos_token_id
-    return NemotronDiffusionConfig(
+    fields = {name: getattr(c, name, None) for name in NATIVE_CONFIG_FIELDS}
+    fields.update(  # the fields a source config may leave out, and the vocabulary (it may grow by a mask token)
         vocab_size=vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-        head_dim=head_dim,
-        max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps,
+        num_key_value_heads=fields["num_key_value_heads"] or c.num_attention_heads,
+        head_dim=fields["head_dim"] or c.hidden_size // c.num_attention_heads,
+        hidden_act="silu",  # checked above
+        tie_word_embeddings=bool(fields["tie_word_embeddings"]),
+    )
+    return NemotronDiffusionConfig(
+        **fields,
         initializer_range=getattr(c, "initializer_range", 0.02),
         rope_parameters=map_rope_parameters(c),
-        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
-        bos_token_id=getattr(c, "bos_token_id", None),
-        eos_token_id=eos,
-        pad_token_id=getattr(c, "pad_token_id", None),
         mask_token_id=mask_token_id,
         sliding_window=None,
         attn_implementation="sdpa",
@@ -213,15 +209,9 @@ def build_config(source_config, mask_token_id: int, vocab_size: int, notes: list
 def _state_dict_for_ours(source_model, tie: bool) -> dict:
     state = {}
     for key, tensor in source_model.state_dict().items():
-        if key.startswith("model."):
-            state["encoder." + key[len("model."):]] = tensor
-        elif key == "lm_head.weight":
-            if not tie:
-                state["diffusion_head.weight"] = tensor
-        elif key.endswith(("rotary_emb.inv_freq", "original_inv_freq")):
+        if is_rotary_buffer(key) or (tie and key == "lm_head.weight"):
             continue
-        else:
-            raise ValueError(f"unexpected source weight {key!r}: not a Llama/Mistral causal LM layout")
+        state[our_name(key)] = tensor
     return state
 
 

@@ -5,8 +5,9 @@ Two targets:
 
 * **full** — the whole model learns the joint AR + diffusion objective of `config.dlm_paradigm` (`block_diff` by
   default: the doubled `[x_t | x_0]` sequence, diffusion loss on the noisy half plus `ar_loss_weight` times the AR
-  loss on the clean half; nld-reference.md §6). `JointCollator` draws the noise (t per sequence, each target masked
-  with p = (1 - eps) t + eps) so batches are reproducible, and the model's own `forward(labels=...)` computes the loss.
+  loss on the clean half; docs/reference-model.md §6). `JointCollator` draws the noise (t per sequence, each target
+  masked with p = (1 - eps) t + eps) so batches are reproducible, and the model's own `forward(labels=...)` computes
+  the loss.
 * **drafter** — a PEFT LoRA adapter is trained with the diffusion objective only, the base frozen. The loss is
   computed on exactly the forward LinearSpec drafts with: the prefix goes through the *base* model causally (adapter
   off, no gradient; that is the cache a real draft reads), then blocks `[seed, mask x (B-1)]` at their true
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 
 from .drafting_nemotron_diffusion import adapters_for_drafting
 from .modeling_nemotron_diffusion import _CACHE_FIELD
+from .tooling import left_pad, progress_bar
 
 IGNORE_INDEX = -100
 TARGETS = ("full", "drafter")
@@ -158,17 +160,13 @@ def distill_sequences(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
     order = [i for g in range(0, len(prompts), group)
              for i in sorted(range(g, min(g + group, len(prompts))), key=lambda i: len(prompts[i]))]
     records = [None] * len(prompts)
-    bar = _progress(total=len(prompts), desc="self-distillation", enabled=progress)
+    bar = progress_bar(total=len(prompts), desc="self-distillation", enabled=progress)
     for start in range(0, len(order), batch_size):
         if deadline is not None and time.time() > deadline:
             break
         chunk = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]):] = 1
+        ids, mask = left_pad([prompts[i] for i in chunk], pad_token_id)
+        width = ids.shape[1]
         out = core.generate(
             ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
             decode_mode="ar", pad_token_id=pad_token_id,
@@ -206,22 +204,6 @@ class RecordDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         return self.records[index]
-
-
-def _progress(total, desc, enabled=True):
-    try:
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, disable=not enabled)
-    except ImportError:  # pragma: no cover
-        class _Null:
-            def update(self, n):
-                pass
-
-            def close(self):
-                pass
-
-        return _Null()
 
 
 # ====================================================================================================== collators

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from nemotron_diffusion import NemotronDiffusionConfig, NemotronDiffusionForCausalLM
+from nemotron_diffusion import NemotronDiffusionConfig, NemotronDiffusionForCausalLM, tooling
 
 
 # torch 2.13's inductor fails to generate C++ for CPU FlexAttention once a shape turns dynamic (after a second
@@ -80,14 +80,8 @@ def random_prompt(seed: int, length: int, batch: int = 1, low: int = 3, high: in
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = PAD_ID) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """Left-pad token lists into (input_ids, attention_mask), as a tokenizer with padding_side='left' does."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    return ids, mask
+    """The package's left padding (`nemotron_diffusion.tooling.left_pad`), with the tiny models' pad id."""
+    return tooling.left_pad(prompts, pad_id)
 
 
 def new_tokens(sequences: torch.LongTensor, prompt_width: int) -> list[list[int]]:

@@ -1,6 +1,6 @@
 """A straightforward, cache-free forward of the model with an explicit boolean attention mask.
 
-It re-derives the layer math of nld-reference.md §4 from the module weights (RMSNorm, RoPE rotate-half, Llama-4
+It re-derives the layer math of docs/reference-model.md §4 from the module weights (RMSNorm, RoPE rotate-half, Llama-4
 query scaling after RoPE, GQA, SwiGLU) so that the package's forward (cache, masks, per-call mode) can be checked
 against it. Only the RoPE inverse frequencies are taken from the model's rotary module (their YaRN derivation is
 tested separately against the formula).

@@ -2,45 +2,18 @@
 
 import pytest
 import torch
-from transformers import GenerationConfig, Ministral3Config, Ministral3ForCausalLM, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from conftest import left_pad, tiny_model
 
-
-def native_twin(model):
-    """Ministral3ForCausalLM with the same weights (NVIDIA's encoder./diffusion_head names mapped to native ones)."""
-    config = model.config
-    native_config = Ministral3Config(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        max_position_embeddings=config.max_position_embeddings,
-        rope_parameters=dict(config.rope_parameters),
-        pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        tie_word_embeddings=False,
-        attn_implementation=config._attn_implementation,
-    )
-    native = Ministral3ForCausalLM(native_config).eval()
-    state = {
-        key.replace("encoder.", "model.", 1).replace("diffusion_head.", "lm_head.", 1): value
-        for key, value in model.state_dict().items()
-    }
-    missing, unexpected = native.load_state_dict(state, strict=False)
-    assert not unexpected and all("rotary" in k for k in missing)
-    return native
+from nemotron_diffusion.native_twin import ministral3_twin
 
 
 @pytest.fixture(scope="module")
 def pair():
     model = tiny_model(seed=3)
-    return model, native_twin(model)
+    return model, ministral3_twin(model)  # Ministral3ForCausalLM on the same weights
 
 
 def _generate_both(pair, *args, seed=None, **kwargs):

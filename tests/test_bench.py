@@ -1,9 +1,10 @@
-"""Smoke test of the benchmark suite (benchmarks/bench.py, `nemotron-diffusion bench`): a tiny random-weight run
-completes and writes valid JSON and markdown. No timing is asserted; the speed-of-light check counts forwards,
+"""Smoke test of the benchmark suite (`nemotron_diffusion.bench`, `nemotron-diffusion bench`): a tiny random-weight
+run completes and writes valid JSON and markdown. No timing is asserted; the speed-of-light check counts forwards,
 which are deterministic, so its ratios are."""
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import nemotron_diffusion
+from nemotron_diffusion.bench import report
 from nemotron_diffusion.cli import main
-from nemotron_diffusion.commands import bench as bench_command
 
-ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = Path(nemotron_diffusion.__file__).resolve().parent
 
 
 def test_tiny_run_writes_valid_json(tmp_path, capsys):
@@ -61,19 +63,42 @@ def test_tiny_run_writes_valid_json(tmp_path, capsys):
 
 
 def test_plots_are_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
-    bench = bench_command.load_bench()
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert bench.plots({"runs": []}, str(tmp_path / "x")) == []
+    assert report.plots({"runs": []}, str(tmp_path / "x")) == []
     assert "matplotlib is not installed" in capsys.readouterr().err
 
 
-def test_bench_without_the_source_tree_is_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench_command, "bench_script", lambda: tmp_path / "benchmarks" / "bench.py")
-    monkeypatch.delitem(sys.modules, bench_command._MODULE_NAME, raising=False)
-    status = main(["bench", "--random", "tiny"])
-    err = capsys.readouterr().err
-    assert status == 2
-    assert len(err.strip().splitlines()) == 1 and "source checkout" in err and "Traceback" not in err
+# Run in a fresh interpreter from a copy of the installed package alone (no source tree beside it), in an empty
+# folder: building the command line's parser imports only the bench's flags, and the bench runs and writes its
+# results into the current folder.
+_OUTSIDE_A_CHECKOUT = """
+import sys
+import nemotron_diffusion
+from nemotron_diffusion.cli import build_parser, main
+assert nemotron_diffusion.__file__.startswith(sys.argv[1]), nemotron_diffusion.__file__  # the copy, not a checkout
+build_parser()
+loaded = sorted(m for m in sys.modules if m.startswith("nemotron_diffusion.bench."))
+assert loaded == ["nemotron_diffusion.bench.arguments"], loaded
+sys.exit(main(["bench", "--random", "tiny", "--prompts", "1", "--max-prompt-tokens", "160", "--max-new-tokens", "4",
+               "--modes", "ar,linear_spec", "--block-sizes", "4", "--batch-sizes", "1", "--baselines", "stock",
+               "--repeats", "1", "--no-speed-of-light", "--overhead-repeats", "0", "--threads", "1", "--no-progress"]))
+"""
+
+
+def test_bench_runs_from_an_installed_package_without_the_source_tree(tmp_path):
+    site = tmp_path / "site"
+    shutil.copytree(PACKAGE, site / "nemotron_diffusion", ignore=shutil.ignore_patterns("__pycache__"))
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "MPLBACKEND": "Agg", "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", _OUTSIDE_A_CHECKOUT, str(site)], cwd=work, env=env, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((work / "bench.json").read_text())  # the default --out outside a checkout: ./bench
+    assert {r["name"] for r in result["runs"]} == {"stock generate", "ours ar", "linear_spec"}
+    assert all("error" not in r for r in result["runs"])
+    assert (work / "bench.md").read_text().startswith("# Benchmark")
 
 
 def test_bad_flags_are_one_line(capsys):
@@ -85,7 +110,9 @@ def test_bad_flags_are_one_line(capsys):
     assert exit_info.value.code == 2
 
 
-def test_script_runs_from_the_checkout():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--help"], capture_output=True,
-                         text=True, timeout=60, check=False)
+def test_module_entry_point_prints_the_flags(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "nemotron_diffusion.bench", "--help"], cwd=tmp_path,
+                         env={"PYTHONPATH": str(PACKAGE.parent), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+                         capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0 and "--block-sizes" in out.stdout
+    assert out.stdout.startswith("usage: nemotron-diffusion bench")

@@ -16,7 +16,7 @@ from test_config import nvidia_config_dict
 
 
 def _nvidia_state_dict(config, seed=0):
-    """Random tensors under NVIDIA's key names and shapes (nld-reference.md §3.2), bf16 like the release."""
+    """Random tensors under NVIDIA's key names and shapes (docs/reference-model.md §3.2), bf16 like the release."""
     g = torch.Generator().manual_seed(seed)
     h, inter, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     q = config["num_attention_heads"] * config["head_dim"]

@@ -10,7 +10,7 @@ from nemotron_diffusion import NemotronDiffusionConfig, NemotronDiffusionForCaus
 
 
 def nvidia_config_dict(**overrides):
-    """The field set of NVIDIA's released 8B config.json (nld-reference.md §2), at tiny sizes."""
+    """The field set of NVIDIA's released 8B config.json (docs/reference-model.md §2.1), at tiny sizes."""
     values = {
         "architectures": ["NemotronLabsDiffusionModel"],
         "ar_loss_weight": 1.0,
@@ -91,7 +91,7 @@ def test_14b_rope_theta_from_rope_parameters_wins():
 
 
 def _yarn_inv_freq(theta, dim, factor, original, beta_fast=32.0, beta_slow=1.0):
-    """nld-reference.md §4.4, written out."""
+    """docs/reference-model.md §4.3, written out."""
     i = torch.arange(0, dim, 2, dtype=torch.float32)
     pos_freq = theta ** (i / dim)
     extrapolation, interpolation = 1.0 / pos_freq, 1.0 / (factor * pos_freq)
@@ -111,7 +111,7 @@ def test_yarn_matches_the_formula_and_the_published_constants(theta, expected_ra
     rope = {**nvidia_config_dict()["rope_parameters"], "rope_theta": theta}
     model = NemotronDiffusionForCausalLM(NemotronDiffusionConfig(**nvidia_config_dict(head_dim=128, num_attention_heads=2, num_key_value_heads=1, hidden_size=64, rope_parameters=rope)))
     expected, correction_range = _yarn_inv_freq(theta, 128, 16.0, 16384)
-    assert correction_range == expected_range  # nld-reference.md §2.3
+    assert correction_range == expected_range  # docs/reference-model.md §2.3
     torch.testing.assert_close(model.encoder.rotary_emb.inv_freq, expected, rtol=1e-6, atol=0)
     assert model.encoder.rotary_emb.attention_scaling == 1.0  # mscale = mscale_all_dim = 1 -> no cos/sin scaling
 

@@ -21,6 +21,7 @@ from transformers import (
 from nemotron_diffusion import NemotronDiffusionConfig, NemotronDiffusionForCausalLM
 from nemotron_diffusion.cli import main as cli_main
 from nemotron_diffusion.convert import convert_checkpoint, convert_nvidia_folder, map_rope_parameters
+from nemotron_diffusion.native_twin import native_twin
 
 VOCAB = 64
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}<|assistant|>"
@@ -118,6 +119,24 @@ def test_llama_untied_with_llama3_rope_matches_source_beyond_original_length(tmp
     params = model.config.rope_parameters
     assert params["rope_type"] == "llama3" and params["factor"] == 8.0 and params["llama_4_scaling_beta"] == 0.0
     _assert_same_ar(source, model, length=60)  # 60 > original 16 positions: the llama3 frequency scaling matters
+
+
+def test_native_twin_of_a_converted_llama_is_the_source_model(tmp_path):
+    """Native -> ours (conversion) -> native (`native_twin`): a LlamaForCausalLM on the converted model's own tensors
+    that computes the source model's logits."""
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    src, source = _llama(tmp_path, tie=False, rope_parameters=rope)
+    convert_checkpoint(src, tmp_path / "out")
+    model = NemotronDiffusionForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    twin = native_twin(model)
+    assert isinstance(twin, LlamaForCausalLM)
+    assert twin.lm_head.weight.data_ptr() == model.diffusion_head.weight.data_ptr()
+    down_proj = model.encoder.layers[1].mlp.down_proj.weight
+    assert twin.model.layers[1].mlp.down_proj.weight.data_ptr() == down_proj.data_ptr()
+    ids = torch.randint(3, VOCAB, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids).logits[..., :VOCAB], source(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_mistral_reserved_token_becomes_the_mask(tmp_path):

@@ -1,11 +1,11 @@
 """Block-diffusion decoding (`generate(decode_mode="diffusion")`).
 
 The core check is token equality with `reference_diffusion_generate` below: a slow, cache-free transcription of
-NVIDIA's `generate` (nld-reference.md §7.1, §7.3) for one row, with its RNG call order (§10). Every forward of the
-reference recomputes the whole sequence with an explicit attention pattern, so it shares nothing with the
+NVIDIA's `generate` (docs/reference-model.md §7.1, §7.3) for one row, with its RNG call order (§8.2). Every forward
+of the reference recomputes the whole sequence with an explicit attention pattern, so it shares nothing with the
 package's loop (no cache, no `_Rows`, no selection helpers).
 
-The one intentional difference from NVIDIA (nld-reference.md §11 item 18): the package never predicts the mask
+The one intentional difference from NVIDIA (docs/reference-model.md §10 item 8): the package never predicts the mask
 token, neither as an AR seed nor as a denoising candidate. The reference below does the same (it excludes the
 mask id from every candidate / seed distribution) and documents it where it happens; confidences are still
 softmax(raw logits) with the mask id included, as in NVIDIA's code.
@@ -95,7 +95,7 @@ def _block_logits(model, x, block_start, causal_context, prompt_length, block_le
 
 
 def _without_mask(logits, mask_id):
-    # OUR INTENTIONAL FIX (nld-reference.md §11 item 18): the mask id is never a seed or a candidate.
+    # OUR INTENTIONAL FIX (docs/reference-model.md §10 item 8): the mask id is never a seed or a candidate.
     logits = logits.clone()
     logits[..., mask_id] = -math.inf
     return logits
@@ -154,7 +154,7 @@ def reference_diffusion_generate(
     model, prompt_ids, max_new_tokens, block_length, threshold=None, causal_context=True, temperature=0.0, eos_token_id=None,
     steps_per_block=None,
 ):
-    """NVIDIA's `generate` (nld-reference.md §7.3) for a batch of one, cache-free.
+    """NVIDIA's `generate` (docs/reference-model.md §7.3) for a batch of one, cache-free.
 
     Returns (sequence [1, P + n], stats) with stats = dict(denoise=#denoise forwards, commits=#commit forwards,
     per_step=[tokens committed by each denoise step]).
@@ -329,8 +329,8 @@ def test_greedy_with_eos_matches_reference(confident_model):
     [(8, 24, 0.9, 0), (4, 16, None, 1), (8, 16, 0.3, 2)],
 )
 def test_sampling_matches_reference_rng_order(confident_model, block, max_new, threshold, seed):
-    """RNG order (nld-reference.md §10): prefill multinomial; one float64 uniform [B, L, V] per denoise step; one
-    multinomial per commit. NVIDIA samples without top-k, so top_k=0 (transformers' default adds top-k 50)."""
+    """RNG order (docs/reference-model.md §8.2): prefill multinomial; one float64 uniform [B, L, V] per denoise step;
+    one multinomial per commit. NVIDIA samples without top-k, so top_k=0 (transformers' default adds top-k 50)."""
     prompt = random_prompt(30 + seed, 6)
     torch.manual_seed(1234 + seed)
     ref, _ = reference_diffusion_generate(confident_model, prompt, max_new, block, threshold, temperature=0.7)

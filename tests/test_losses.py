@@ -72,7 +72,7 @@ def test_bidirectional_loss_against_explicit_computation():
 
 
 def _block_diff_table(n, block_size):
-    """The rules of nld-reference.md §6.4 written as loops."""
+    """The rules of docs/reference-model.md §6.3 written as loops."""
     allowed = torch.zeros(2 * n, 2 * n, dtype=torch.bool)
     for q in range(2 * n):
         for k in range(2 * n):

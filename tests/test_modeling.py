@@ -42,7 +42,8 @@ def test_full_sequence_matches_explicit_mask(impl, is_causal):
 
 
 def test_without_mask_or_positions_the_forward_is_causal_by_default():
-    """NVIDIA's model was bidirectional after loading (reference bug 6); ours is causal unless told otherwise."""
+    """NVIDIA's model was bidirectional after loading (docs/reference-model.md §10 item 1); ours is causal unless
+    told otherwise."""
     model = tiny_model(attn_implementation="eager")
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     ones = torch.ones_like(ids)
