@@ -68,7 +68,9 @@ def adapters_for_drafting(model, adapter_name, bypass=False):
             drafting = states[token_layer][1] if token_layer in states else (True, None)
             drafting_module = None if drafting[0] else DraftTokenEmbedding.for_wrapper(wrapper, base, drafting[1])
             swaps.append((parent, name, wrapper, base, drafting_module or wrapper))
-    switch = _DraftingSwitch(states, swaps, adapter_name)
+    # The decoding loops apply the LM head with the drafter off: only the backbone's layers need gating.
+    backbone = set(getattr(model, "encoder", model).modules())
+    switch = _DraftingSwitch(states, swaps, adapter_name, backbone)
     try:
         switch(False)
         yield switch
@@ -113,7 +115,7 @@ def _layer_states(layer, disabled, active, adapter_name):
 class _DraftingSwitch:
     """`set_drafting(drafting, only_at=None)` of `adapters_for_drafting` (see there)."""
 
-    def __init__(self, states, swaps, adapter_name):
+    def __init__(self, states, swaps, adapter_name, backbone):
         self.states, self.swaps = states, swaps
         self.drafter = adapter_name
         self.gates = []
@@ -123,7 +125,7 @@ class _DraftingSwitch:
             for _, _, wrapper, _, drafting_module in swaps
             if isinstance(drafting_module, DraftTokenEmbedding)
         }
-        self.can_gate = all(self._gateable(layer) for layer in states)
+        self.can_gate = all(self._gateable(layer) for layer in states if layer in backbone)
 
     def _drafter_names(self, layer):
         drafting = self.states[layer][1]

@@ -333,25 +333,43 @@ def draft_block_mask_function(cache_length: int, block_size: int, block_starts: 
     return mask
 
 
+DRAFT_LAYOUTS = ("linear", "quadratic")
+
+
 @dataclass
 class DrafterOutput:
     loss: torch.Tensor
     kl: torch.Tensor
     ce: torch.Tensor
     num_targets: torch.Tensor
-    accepted: torch.Tensor  # [num_blocks] accepted drafts per valid block (greedy, teacher-forced)
-    slot_hits: torch.Tensor  # [B-1] correct drafts per slot (among valid blocks)
+    accepted: torch.Tensor  # [num_blocks] accepted drafts per valid block (greedy, teacher-forced), first layout
+    slot_hits: torch.Tensor  # [B-1] correct drafts per slot (among valid blocks), first layout
     num_blocks: torch.Tensor
+    accepted_by_layout: dict | None = None  # layout -> [num_blocks]
 
 
 def drafter_loss(model, batch, block_size: int, use_adapter: bool = True, temperature: float = 1.0,
-                 hard_weight: float = 0.0) -> DrafterOutput:
-    """Self-distillation loss of the drafter on the LinearSpec draft layout (see the module docstring).
+                 hard_weight: float = 0.0, layouts=("linear",)) -> DrafterOutput:
+    """Self-distillation loss of the drafter on the draft layouts of the decoding loops (see the module docstring).
 
-    `use_adapter=True`: the teacher pass runs with every adapter off, the draft pass with the adapters on (the
+    Layouts, for a block drawn at seed position c of a sequence whose causal cache is the base model's:
+
+    * `"linear"` (LinearSpec drafts, diffusion's first denoising step): `[x_c, mask x (B-1)]` at positions c..,
+      seeing the cache before c and its own block; slots 1..B-1 are drafted.
+    * `"quadratic"` (a QuadraticSpec chunk row): `mask x B` at positions c+1.., seeing the cache up to and
+      including c (the seed is a verified, causal entry there) and its own row; QuadraticSpec keeps the guesses of
+      slots 1..B-1 (slot 0's token is the verifier's own), so acceptance counts from slot 1.
+
+    `use_adapter=True`: the teacher pass runs with every adapter off, the draft passes with the adapters on (the
     drafter target); `False`: both run with the model as it is (the full target, or the base as its own drafter).
-    loss = KL(p_teacher || q_draft) per target slot (teacher at temperature `temperature`), averaged over target
-    slots, plus `hard_weight` times the cross-entropy on the teacher's greedy token."""
+    loss = mean over `layouts` of KL(p_teacher || q_draft) per target slot (teacher at temperature `temperature`),
+    averaged over target slots, plus `hard_weight` times the cross-entropy on the teacher's greedy token."""
+    # Each layout is a name, or (name, block size) to train it at its own block size.
+    layouts = [(item, block_size) if isinstance(item, str) else tuple(item) for item in layouts]
+    for layout, size in layouts:
+        if layout not in DRAFT_LAYOUTS:
+            raise ValueError(f"layouts: {layout!r} is invalid; allowed: {DRAFT_LAYOUTS}")
+        _check_int("block size", size, 2)
     core = unwrap_model(model)
     mask_id = core.config.mask_token_id
     input_ids, starts = batch["input_ids"], batch["block_starts"]
@@ -363,67 +381,79 @@ def drafter_loss(model, batch, block_size: int, use_adapter: bool = True, temper
         lengths = torch.full((batch_size,), length, dtype=torch.long)
     lengths = lengths.to(device)
     num_blocks = starts.shape[1]
-    slots = torch.arange(block_size, device=device)
+    block_valid = starts >= 0
 
     toggles = adapters_for_drafting(core, None) if use_adapter else contextlib.nullcontext(lambda on: None)
+    losses, kls, ces, counts, accepted, slot_hits = [], [], [], [], {}, None
     with toggles as set_drafting:
         set_drafting(False)
         with torch.no_grad():
             teacher = core.encoder(input_ids=input_ids, use_cache=True, is_causal=True)
             cache = getattr(teacher, _CACHE_FIELD)
-            # Target slot i (1..B-1) of a block at c predicts position c+i; the causal logit at c+i-1 is its teacher.
-            target_pos = starts[:, :, None] + slots[None, None, 1:]  # [b, K, B-1]
-            valid = (starts[:, :, None] >= 0) & (target_pos < lengths[:, None, None])
-            gather = (target_pos - 1).clamp(min=0, max=length - 1)
             hidden = teacher.last_hidden_state
-            teacher_hidden = hidden.gather(1, gather.reshape(batch_size, -1, 1).expand(-1, -1, hidden.shape[-1]))
-            teacher_logits = core.diffusion_head(teacher_hidden).float().reshape(batch_size, num_blocks, block_size - 1, -1)
-            teacher_logits[..., mask_id] = -math.inf
-            greedy = teacher_logits.argmax(-1)
-            data_next = input_ids.gather(1, target_pos.clamp(max=length - 1).reshape(batch_size, -1)).reshape(greedy.shape)
+        for layout, block_size in layouts:
+            slots = torch.arange(block_size, device=device)
+            first = 0 if layout == "linear" else 1  # position of slot 0 after the seed
+            drafted = slots[1:] if layout == "linear" else slots  # slots whose logits are trained
+            with torch.no_grad():
+                # Drafted slot i of a block at c predicts position c+first+i; the causal logit before it teaches it.
+                target_pos = starts[:, :, None] + first + drafted[None, None, :]  # [b, K, D]
+                valid = block_valid[:, :, None] & (target_pos < lengths[:, None, None])
+                gather = (target_pos - 1).clamp(min=0, max=length - 1)
+                teacher_hidden = hidden.gather(1, gather.reshape(batch_size, -1, 1).expand(-1, -1, hidden.shape[-1]))
+                teacher_logits = core.diffusion_head(teacher_hidden).float().reshape(
+                    batch_size, num_blocks, len(drafted), -1)
+                teacher_logits[..., mask_id] = -math.inf
+                greedy = teacher_logits.argmax(-1)
+                data_next = input_ids.gather(1, target_pos.clamp(max=length - 1).reshape(batch_size, -1)).reshape(
+                    greedy.shape)
 
-        block_ids = torch.full((batch_size, num_blocks, block_size), mask_id, dtype=torch.long, device=device)
-        block_ids[:, :, 0] = input_ids.gather(1, starts.clamp(min=0))
-        positions = starts.clamp(min=0)[:, :, None] + slots[None, None, :]
-        set_drafting(True)
-        draft = core.encoder(
-            input_ids=block_ids.reshape(batch_size, -1),
-            position_ids=positions.reshape(batch_size, -1),
-            cache=cache,
-            use_cache=True,
-            update_cache=False,
-            is_causal=False,
-            mask_function=draft_block_mask_function(length, block_size, starts),
-        )
-        draft_hidden = draft.last_hidden_state.reshape(batch_size, num_blocks, block_size, -1)[:, :, 1:]
-        draft_logits = core.diffusion_head(draft_hidden).float()
-        set_drafting(False)
-
-    draft_logits = draft_logits.masked_fill(
-        torch.arange(draft_logits.shape[-1], device=device) == mask_id, torch.finfo(torch.float32).min
-    )
-    log_q = F.log_softmax(draft_logits[valid], dim=-1)
-    p_logits = teacher_logits[valid] / temperature
-    log_p = F.log_softmax(p_logits, dim=-1)
-    p = log_p.exp()
-    kl_per = (p * (log_p.masked_fill(p == 0, 0) - log_q)).sum(-1)
-    ce_per = F.nll_loss(log_q, greedy[valid], reduction="none")
-    count = valid.sum()
-    kl = kl_per.sum() / count.clamp(min=1)
-    ce = ce_per.sum() / count.clamp(min=1)
-    loss = kl + hard_weight * ce
-
-    with torch.no_grad():
-        drafts = draft_logits.argmax(-1)
-        # A draft is accepted by a greedy verifier iff it equals the greedy token; the run continues only while the
-        # data also follows the greedy path (always, on self-distilled sequences).
-        hit = (drafts == greedy) & (data_next == greedy) & valid
-        run = torch.cumprod(hit.long(), dim=-1).sum(-1)  # [b, K]
-        block_valid = starts >= 0
-        accepted = run[block_valid].float()
-        full = block_valid[:, :, None] & valid
-        slot_hits = (torch.cumprod(hit.long(), dim=-1) * full).sum((0, 1)).float()
-    return DrafterOutput(loss, kl.detach(), ce.detach(), count, accepted, slot_hits, block_valid.sum())
+            block_ids = torch.full((batch_size, num_blocks, block_size), mask_id, dtype=torch.long, device=device)
+            if layout == "linear":
+                block_ids[:, :, 0] = input_ids.gather(1, starts.clamp(min=0))
+            positions = starts.clamp(min=0)[:, :, None] + first + slots[None, None, :]
+            set_drafting(True)
+            draft = core.encoder(
+                input_ids=block_ids.reshape(batch_size, -1),
+                position_ids=positions.reshape(batch_size, -1),
+                cache=cache,
+                use_cache=True,
+                update_cache=False,
+                is_causal=False,
+                mask_function=draft_block_mask_function(length, block_size, starts + first),
+            )
+            set_drafting(False)
+            draft_hidden = draft.last_hidden_state.reshape(batch_size, num_blocks, block_size, -1)[:, :, drafted]
+            draft_logits = core.diffusion_head(draft_hidden).float()
+            draft_logits = draft_logits.masked_fill(
+                torch.arange(draft_logits.shape[-1], device=device) == mask_id, torch.finfo(torch.float32).min
+            )
+            log_q = F.log_softmax(draft_logits[valid], dim=-1)
+            log_p = F.log_softmax(teacher_logits[valid] / temperature, dim=-1)
+            p = log_p.exp()
+            kl_per = (p * (log_p.masked_fill(p == 0, 0) - log_q)).sum(-1)
+            ce_per = F.nll_loss(log_q, greedy[valid], reduction="none")
+            count = valid.sum()
+            kl = kl_per.sum() / count.clamp(min=1)
+            ce = ce_per.sum() / count.clamp(min=1)
+            losses.append(kl + hard_weight * ce)
+            kls.append(kl.detach())
+            ces.append(ce.detach())
+            counts.append(count)
+            with torch.no_grad():
+                # A draft is accepted by a greedy verifier iff it equals the greedy token; the run continues only
+                # while the data also follows the greedy path (always, on self-distilled sequences).
+                hit = (draft_logits.argmax(-1) == greedy) & (data_next == greedy) & valid
+                if layout == "quadratic":
+                    hit = hit[..., 1:]  # QuadraticSpec replaces slot 0's guess by the verified token
+                run = torch.cumprod(hit.long(), dim=-1)
+                accepted[layout] = run.sum(-1)[block_valid].float()
+                if slot_hits is None:
+                    full = block_valid[:, :, None] & (valid if layout == "linear" else valid[..., 1:])
+                    slot_hits = (run * full).sum((0, 1)).float()
+    loss = sum(losses) / len(losses)
+    return DrafterOutput(loss, sum(kls) / len(kls), sum(ces) / len(ces), sum(counts), accepted[layouts[0][0]],
+                         slot_hits, block_valid.sum(), accepted)
 
 
 # ======================================================================================================== trainer
@@ -442,7 +472,8 @@ def _trainer_class():
         `acceptance_dataset` (records with `prompt_length`; default: the eval dataset)."""
 
         def __init__(self, *args, target="drafter", block_size=16, acceptance_dataset=None,
-                     acceptance_block_size=None, kl_temperature=1.0, hard_weight=0.0, **kwargs):
+                     acceptance_block_size=None, kl_temperature=1.0, hard_weight=0.0, layouts=("linear",),
+                     **kwargs):
             if target not in TARGETS:
                 raise ValueError(f"target={target!r} is invalid; allowed: {TARGETS}")
             super().__init__(*args, **kwargs)
@@ -450,11 +481,12 @@ def _trainer_class():
             self.acceptance_dataset = acceptance_dataset
             self.acceptance_block_size = acceptance_block_size or block_size
             self.kl_temperature, self.hard_weight = kl_temperature, hard_weight
+            self.layouts = tuple(layouts)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.target == "drafter":
-                out = drafter_loss(model, inputs, self.block_size, use_adapter=True,
-                                   temperature=self.kl_temperature, hard_weight=self.hard_weight)
+                out = drafter_loss(model, inputs, self.block_size, use_adapter=True, temperature=self.kl_temperature,
+                                   hard_weight=self.hard_weight, layouts=self.layouts)
                 return (out.loss, out) if return_outputs else out.loss
             outputs = model(**inputs)
             return (outputs.loss, outputs) if return_outputs else outputs.loss
@@ -465,6 +497,7 @@ def _trainer_class():
                 self.model, dataset, target=self.target, block_size=self.block_size,
                 batch_size=self.args.per_device_eval_batch_size, collator=self.data_collator,
                 acceptance_dataset=self.acceptance_dataset, acceptance_block_size=self.acceptance_block_size,
+                layouts=self.layouts,
             )
             metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
             metrics["epoch"] = self.state.epoch
@@ -483,9 +516,12 @@ def __getattr__(name):
 
 @torch.no_grad()
 def evaluate_model(model, dataset, target="drafter", block_size=16, batch_size=4, collator=None,
-                   acceptance_dataset=None, acceptance_block_size=None, max_batches=None, seed=1234) -> dict:
+                   acceptance_dataset=None, acceptance_block_size=None, max_batches=None, seed=1234,
+                   layouts=("linear",)) -> dict:
     """Held-out metrics: `loss` (diffusion loss: the model's for `full`, draft KL for `drafter`), `acceptance` and
-    `tokens_per_cycle` (greedy LinearSpec, teacher-forced, on `acceptance_dataset` or `dataset`)."""
+    `tokens_per_cycle` (greedy LinearSpec, teacher-forced, on `acceptance_dataset` or `dataset`); with the
+    `"quadratic"` layout also `quadratic_acceptance` and `quadratic_tokens_per_forward` (QuadraticSpec emits the
+    accepted guesses plus one verified token per forward)."""
     core = unwrap_model(model)
     was_training = model.training
     model.eval()
@@ -508,13 +544,18 @@ def evaluate_model(model, dataset, target="drafter", block_size=16, batch_size=4
     b = acceptance_block_size or block_size
     draft_collate = DrafterCollator(core.config.pad_token_id or 0, block_size=b, blocks_per_sequence=8, seed=seed)
     accepted, kl_sum, kl_count = [], 0.0, 0
+    accepted_quadratic = []
+    quadratic = [item for item in layouts if (item if isinstance(item, str) else item[0]) == "quadratic"]
+    layouts = (("linear", b),) + tuple(quadratic)
     slot_hits = torch.zeros(b - 1)
     for i, start in enumerate(range(0, len(accept_data), batch_size)):
         if max_batches is not None and i >= max_batches:
             break
         records = [accept_data[j] for j in range(start, min(start + batch_size, len(accept_data)))]
-        out = drafter_loss(model, draft_collate(records), b, use_adapter=(target == "drafter"))
-        accepted.append(out.accepted.cpu())
+        out = drafter_loss(model, draft_collate(records), b, use_adapter=(target == "drafter"), layouts=layouts)
+        accepted.append(out.accepted_by_layout["linear"].cpu())
+        if "quadratic" in out.accepted_by_layout:
+            accepted_quadratic.append(out.accepted_by_layout["quadratic"].cpu())
         kl_sum += float(out.kl) * int(out.num_targets)
         kl_count += int(out.num_targets)
         slot_hits += out.slot_hits.cpu()
@@ -526,6 +567,10 @@ def evaluate_model(model, dataset, target="drafter", block_size=16, batch_size=4
         if target == "drafter":
             metrics["loss"] = metrics["draft_kl"]
         metrics["slot1_accept_rate"] = float(slot_hits[0] / max(len(accepted), 1))
+    if accepted_quadratic:
+        mean = float(torch.cat(accepted_quadratic).mean())
+        metrics["quadratic_acceptance"] = mean
+        metrics["quadratic_tokens_per_forward"] = mean + 1.0
     if was_training:
         model.train()
     return metrics

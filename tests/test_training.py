@@ -224,6 +224,51 @@ def test_drafter_layout_equals_linear_spec_draft_forwards():
                 assert out.accepted[index].item() == run
 
 
+def test_drafter_quadratic_layout_equals_quadratic_spec_mask_rows():
+    """The "quadratic" layout computes what a QuadraticSpec chunk row's masks compute: B masks after the seed c,
+    seeing the causal cache up to and including c and each other; acceptance counts from slot 1."""
+    model = _drafter()
+    core = unwrap_model(model)
+    ids = torch.randint(3, MASK_ID, (2, 30), generator=torch.Generator().manual_seed(1))
+    block = 4
+    starts = torch.tensor([[3, 10, 25, -1], [0, 7, 20, 27]])
+    batch = {"input_ids": ids, "block_starts": starts, "lengths": torch.tensor([30, 30])}
+    captured = []
+    hook = core.diffusion_head.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
+    with torch.no_grad():
+        out = drafter_loss(model, batch, block, layouts=("linear", "quadratic"))
+    hook.remove()
+    layout = captured[-1].reshape(2, 4, block, -1)
+    with torch.no_grad(), adapters_for_drafting(core, None) as set_drafting:
+        for b in range(2):
+            for k in range(4):
+                c = int(starts[b, k])
+                if c < 0:
+                    continue
+                set_drafting(False)
+                cache = DynamicCache(config=core.config)
+                core(ids[b : b + 1, : c + 1], cache=cache, use_cache=True)
+                set_drafting(True)
+                masks = torch.full((1, block), MASK_ID)
+                positions = torch.arange(c + 1, c + 1 + block)[None]
+                real = core(masks, position_ids=positions, cache=cache, use_cache=True, is_causal=False,
+                            update_cache=False).logits
+                torch.testing.assert_close(layout[b, k], real[0], rtol=1e-4, atol=1e-4)
+                set_drafting(False)
+                drafts = real[0].clone()
+                drafts[:, MASK_ID] = -math.inf
+                drafts = drafts.argmax(-1)
+                ar = core(ids[b : b + 1]).logits[0].argmax(-1)
+                run = 0
+                for i in range(1, block):
+                    pos = c + 1 + i
+                    if pos >= 30 or drafts[i] != ar[pos - 1] or ids[b, pos] != ar[pos - 1]:
+                        break
+                    run += 1
+                index = int((starts[:b] >= 0).sum()) + k
+                assert out.accepted_by_layout["quadratic"][index].item() == run
+
+
 def test_teacher_pass_uses_base_weights():
     # The KL target is the base model's distribution: with the adapter on or off in between, it is the same.
     model = _drafter()

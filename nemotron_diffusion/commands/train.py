@@ -36,6 +36,9 @@ def add_arguments(parser):
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (cut / window size)")
     parser.add_argument("--block-size", type=int, default=16, help="diffusion / draft block size")
     parser.add_argument("--blocks-per-sequence", type=int, default=12, help="drafter: draft blocks per sequence")
+    parser.add_argument("--layouts", default="linear",
+                        help="drafter: comma-separated draft layouts trained together, each NAME[:BLOCK_SIZE]: linear "
+                             "(LinearSpec drafts, diffusion) and/or quadratic (QuadraticSpec's mask rows)")
     parser.add_argument("--paradigm", choices=("block_diff", "bidirectional", "autoregressive"), default="block_diff",
                         help="full target: the objective (config.dlm_paradigm)")
     parser.add_argument("--ar-loss-weight", type=float, default=1.0, help="full target, block_diff: AR loss weight")
@@ -149,7 +152,7 @@ def _steps_for_budget(args, model, collator, records, device):
         start = time.time()
         with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16):
             if args.target == "drafter":
-                loss = drafter_loss(model, batch, args.block_size).loss
+                loss = drafter_loss(model, batch, args.block_size, layouts=_layouts(args)).loss
             else:
                 loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
         (loss / args.grad_accum).backward()
@@ -163,6 +166,24 @@ def _steps_for_budget(args, model, collator, records, device):
     steps = max(1, int(left / per_step))
     print(f"--time-budget: {fastest:.3f} s per micro-batch, {left:.0f} s left -> {steps} steps")
     return steps
+
+
+def _layouts(args):
+    """--layouts "linear,quadratic:4" -> (("linear", block size), ("quadratic", 4))."""
+    from ..training import DRAFT_LAYOUTS
+
+    layouts = []
+    for part in (p.strip() for p in args.layouts.split(",")):
+        if not part:
+            continue
+        name, _, size = part.partition(":")
+        if name not in DRAFT_LAYOUTS or (size and not size.isdigit()) or (size and int(size) < 2):
+            raise UserError(f"--layouts {args.layouts!r} is invalid; allowed: comma-separated names from "
+                            f"{DRAFT_LAYOUTS}, each optionally with ':BLOCK_SIZE' (>= 2)")
+        layouts.append((name, int(size) if size else args.block_size))
+    if not layouts:
+        raise UserError(f"--layouts {args.layouts!r} names no layout; allowed: {DRAFT_LAYOUTS}")
+    return tuple(layouts)
 
 
 def _save_adapter(model, folder, dtype_name, metrics, args, tokens_seen):
@@ -189,6 +210,7 @@ def run(args):
     from ..training import DrafterCollator, JointCollator, RecordDataset, TriModeTrainer, add_drafter_adapter
 
     targets = _check(args)
+    _layouts(args)
     RUN_START[0] = time.time()
     if args.time_budget is not None and not args.time_budget > 0:
         raise UserError(f"--time-budget must be > 0 seconds, got {args.time_budget}")
@@ -301,6 +323,7 @@ def run(args):
         target=args.target,
         block_size=args.block_size,
         hard_weight=args.hard_weight,
+        layouts=_layouts(args),
         callbacks=[_Deadline()],
     )
     last = get_last_checkpoint(args.output_dir) if args.resume and os.path.isdir(args.output_dir) else None
