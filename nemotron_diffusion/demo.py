@@ -92,15 +92,33 @@ def demo_drafter_path() -> str:
     return str(folder)
 
 
+def preferred_dtype(device=None):
+    """bfloat16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU with AVX-512 BF16 or AMX), else
+    float32. On such CPUs a forward over a block of 8 query tokens costs about one AR step in bfloat16 (far more in
+    float32), which is what the block modes need to be fast."""
+    import torch
+
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(
+            torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        return torch.bfloat16 if native else torch.float32
+    return torch.float32
+
+
 def load_demo(drafter: bool = True, dtype=None, device=None):
-    """(model, tokenizer) of the demo, with the drafter attached through PEFT as adapter "drafter" when asked."""
+    """(model, tokenizer) of the demo, with the drafter attached through PEFT as adapter "drafter" when asked.
+
+    dtype: None picks `preferred_dtype(device)` (bfloat16 on CPUs with native bf16, float32 elsewhere)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import NemotronDiffusionForCausalLM  # noqa: F401  (registers the model type)
 
     path = demo_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or preferred_dtype(device))
     if device is not None:
         model = model.to(device)
     model.eval()
@@ -109,9 +127,17 @@ def load_demo(drafter: bool = True, dtype=None, device=None):
     return model, AutoTokenizer.from_pretrained(path)
 
 
+# A drafter folder may say which modes' bidirectional forwards it serves (`drafter_modes` of the generation config).
+DRAFTER_SETTINGS_FILE = "drafter_settings.json"
+
+
 def attach_drafter(model, folder, adapter_name: str = "drafter"):
     """Attaches the PEFT LoRA drafter saved in `folder` as adapter `adapter_name` and returns the model itself (the
-    LoRA layers stay inside it; generate() turns them on for LinearSpec draft forwards only)."""
+    LoRA layers stay inside it). The model's generation config then names it (`drafter_adapter`), and takes the
+    `drafter_modes` of the folder's `drafter_settings.json` when it has one (the demo drafter serves LinearSpec
+    drafts, diffusion's denoising forwards and QuadraticSpec's mask slots); generate() runs it in those forwards
+    only, every causal forward with the base weights."""
+    import json
     import warnings
 
     from peft import PeftModel
@@ -119,7 +145,13 @@ def attach_drafter(model, folder, adapter_name: str = "drafter"):
     with warnings.catch_warnings():  # PEFT reads transformers' deprecated `is_gradient_checkpointing`
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         wrapped = PeftModel.from_pretrained(model, folder, adapter_name=adapter_name)
-    return wrapped.base_model.model.eval()
+    model = wrapped.base_model.model.eval()
+    model.generation_config.drafter_adapter = adapter_name
+    settings = Path(folder) / DRAFTER_SETTINGS_FILE
+    if settings.is_file():
+        model.generation_config.drafter_modes = list(json.loads(settings.read_text())["drafter_modes"])
+        model.generation_config.validate_mode_fields()
+    return model
 
 
-__all__ = ["CACHE_ENV", "attach_drafter", "cache_dir", "demo_available", "demo_drafter_path", "demo_path", "gguf_path", "load_demo"]
+__all__ = ["CACHE_ENV", "DRAFTER_SETTINGS_FILE", "attach_drafter", "preferred_dtype", "cache_dir", "demo_available", "demo_drafter_path", "demo_path", "gguf_path", "load_demo"]
