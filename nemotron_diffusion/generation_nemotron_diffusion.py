@@ -53,6 +53,7 @@ from .cache_nemotron_diffusion import (
     rewind_cache,
     select_cache_rows,
 )
+from .validation_nemotron_diffusion import validate_generate_inputs, validate_generation_settings
 
 DECODE_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 
@@ -582,6 +583,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             if getattr(generation_config, name) is _MODE_DEFAULT:
                 setattr(generation_config, name, defaults[mode])
         _validate_mode_fields(generation_config, self.config)
+        validate_generation_settings(generation_config, self.config)
         return generation_config, model_kwargs
 
     def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
@@ -612,6 +614,8 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         # A drafter adapter serves only bidirectional draft forwards: every other forward of every decoding mode
         # (AR steps, beams, assisted decoding, prefill, verify, commit) runs with base weights, and each adapter's
         # own state is restored afterwards.
+        prompt = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+        validate_generate_inputs(prompt, kwargs.get("attention_mask"), self.config)
         passed = kwargs.get("generation_config")
         adapter = kwargs.get(
             "drafter_adapter",

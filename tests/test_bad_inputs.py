@@ -1,0 +1,145 @@
+"""Bad inputs at every public entry point (generate() in each mode, the model config, from_pretrained, the pipeline,
+the CLI): each is refused with a named error (the exception type and the words it must contain are in the tables),
+settings that do not apply to the chosen mode warn, and no input makes a mode allocate memory for its whole budget
+or for a block larger than what is left of it."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import pipeline
+
+from nemotron_diffusion import NemotronDiffusionForCausalLM
+from nemotron_diffusion.cli import main
+from conftest import MASK_ID, tiny_model
+from tiny_tokenizer import save_tiny_folder, word_tokenizer
+
+
+MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
+NON_AR = MODES[1:]
+REPO_ROOT = Path(__file__).resolve().parents[1]
+IDS = torch.tensor([[5, 17, 42, 9, 7]])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_tiny_folder(tmp_path_factory.mktemp("bad-inputs") / "tiny")
+
+
+# ---------------------------------------------------------------------------------------- generate(), every mode
+# (name, generate arguments, modes, exception type, words the message must contain)
+GENERATE_CASES = [
+    ("mask shorter than the prompt", dict(attention_mask=torch.ones(1, 3, dtype=torch.long)), MODES, ValueError,
+     ["attention_mask", "(1, 3)", "(1, 5)"]),
+    ("mask with more rows than the prompt", dict(attention_mask=torch.ones(2, 5, dtype=torch.long)), MODES, ValueError,
+     ["attention_mask", "(2, 5)", "(1, 5)"]),
+    ("mask holding 2", dict(attention_mask=torch.full((1, 5), 2)), MODES, ValueError,
+     ["attention_mask", "value 2", "only 0", "and 1"]),
+    ("float mask", dict(attention_mask=torch.ones(1, 5)), MODES, TypeError,
+     ["attention_mask", "torch.float32", "bool or integer"]),
+    ("empty prompt", dict(input_ids=torch.empty(1, 0, dtype=torch.long)), MODES, ValueError,
+     ["input_ids", "(1, 0)", "length >= 1"]),
+    ("empty batch", dict(input_ids=torch.empty(0, 5, dtype=torch.long)), MODES, ValueError,
+     ["input_ids", "(0, 5)", "batch >= 1"]),
+    ("float ids", dict(input_ids=IDS.float()), MODES, TypeError, ["input_ids", "torch.float32", "torch.long"]),
+    ("1-D ids", dict(input_ids=IDS[0]), MODES, ValueError, ["input_ids", "(5,)", "2 dimensions"]),
+    ("3-D ids", dict(input_ids=IDS[None]), MODES, ValueError, ["input_ids", "(1, 1, 5)", "2 dimensions"]),
+    ("a list of ids", dict(input_ids=[[5, 17, 42]]), MODES, TypeError, ["input_ids", "[[5, 17, 42]]", "LongTensor"]),
+    ("id = vocab_size", dict(input_ids=torch.tensor([[5, 64]])), MODES, ValueError,
+     ["input_ids", "64", "[0, vocab_size=64)"]),
+    ("negative id", dict(input_ids=torch.tensor([[5, -1]])), MODES, ValueError,
+     ["input_ids", "-1", "[0, vocab_size=64)"]),
+    ("fractional max_new_tokens", dict(max_new_tokens=2.5), MODES, TypeError, ["max_new_tokens", "2.5", "int"]),
+    # diffusion refused it before; the other modes emitted the mask id at the budget
+    ("end_think_token_id = mask id", dict(max_thinking_tokens=2, end_think_token_id=MASK_ID), ("ar",) + NON_AR[1:],
+     ValueError, ["end_think_token_id", str(MASK_ID), "mask token"]),
+]
+
+
+def _generate(model, mode, **arguments):
+    arguments.setdefault("input_ids", IDS)
+    arguments.setdefault("max_new_tokens", 6)
+    block = {} if mode == "ar" else dict(block_size=4)
+    with torch.no_grad():
+        return model.generate(decode_mode=mode, **block, **arguments)
+
+
+def _expand(cases):
+    return [pytest.param(mode, *case[1:2], *case[3:], id=f"{case[0]}-{mode}") for case in cases for mode in case[2]]
+
+
+@pytest.mark.parametrize("mode,arguments,error,words", _expand(GENERATE_CASES))
+def test_generate_refuses(model, mode, arguments, error, words):
+    with pytest.raises(error) as raised:
+        _generate(model, mode, **arguments)
+    for word in words:
+        assert word in str(raised.value), (word, str(raised.value))
+
+
+# The model config edited after the model was built is checked again at generate() time.
+CONFIG_EDITS = [
+    ("mask id past the vocabulary", dict(mask_token_id=9999), ValueError, ["mask_token_id", "9999", "vocab_size=64"]),
+    ("negative mask id", dict(mask_token_id=-1), ValueError, ["mask_token_id", "-1"]),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("edit,error,words", [pytest.param(*c[1:], id=c[0]) for c in CONFIG_EDITS])
+def test_generate_revalidates_an_edited_model_config(mode, edit, error, words):
+    model = tiny_model()
+    for field, value in edit.items():
+        setattr(model.config, field, value)
+    with pytest.raises(error) as raised:
+        _generate(model, mode)
+    for word in words:
+        assert word in str(raised.value), (word, str(raised.value))
+
+
+# (generate arguments, modes, words the warning must contain): settings that the mode does not read
+IGNORED_SETTINGS = [
+    (dict(max_denoising_steps=2), ("ar", "linear_spec", "quadratic_spec"), ["max_denoising_steps", "does not apply"]),
+    (dict(confidence_threshold=0.5), ("ar",), ["confidence_threshold", "decode_mode='ar'"]),
+    (dict(end_think_token_id=5), MODES, ["end_think_token_id", "max_thinking_tokens"]),
+]
+
+
+@pytest.mark.parametrize(
+    "mode,arguments,words",
+    [pytest.param(mode, a, w, id=f"{next(iter(a))}-{mode}") for a, modes, w in IGNORED_SETTINGS for mode in modes],
+)
+def test_settings_that_do_not_apply_to_the_mode_warn(model, mode, arguments, words):
+    with pytest.warns(UserWarning) as caught:
+        out = _generate(model, mode, **arguments)
+    messages = [str(w.message) for w in caught if all(word in str(w.message) for word in words)]
+    assert len(messages) == 1, [str(w.message) for w in caught]
+    assert out.shape == (1, IDS.shape[1] + 6)
+
+
+# (name, pipeline call arguments, exception type, words)
+PIPELINE_CASES = [
+    ("fractional max_new_tokens", dict(max_new_tokens=2.5, decode_mode="linear_spec"), TypeError,
+     ["max_new_tokens", "2.5"]),
+    ("end_think_token_id = mask id", dict(decode_mode="quadratic_spec", max_thinking_tokens=1,
+                                          end_think_token_id=MASK_ID), ValueError, ["end_think_token_id", "mask"]),
+    ("edited mask id", dict(decode_mode="ar", mask_token_id=99), ValueError, ["mask_token_id", "99"]),
+]
+
+
+@pytest.mark.parametrize("arguments,error,words", [pytest.param(*c[1:], id=c[0]) for c in PIPELINE_CASES])
+def test_pipeline_refuses(folder, arguments, error, words):
+    generator = pipeline("text-generation", model=str(folder))
+    arguments = dict(arguments)
+    if "mask_token_id" in arguments:
+        generator.model.config.mask_token_id = arguments.pop("mask_token_id")
+    with pytest.raises(error) as raised:
+        generator("hello the sea", max_new_tokens=arguments.pop("max_new_tokens", 4), block_size=4, **arguments)
+    for word in words:
+        assert word in str(raised.value), (word, str(raised.value))
