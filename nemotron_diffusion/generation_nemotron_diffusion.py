@@ -391,7 +391,8 @@ class _Rows:
         self.pad_token_id = generation_config._pad_token_tensor
         if self.pad_token_id is None:
             self.pad_token_id = torch.tensor(0, device=device)
-        self.tokens = torch.full((batch, self.max_new_tokens), int(self.pad_token_id), dtype=torch.long, device=device)
+        # Grows as tokens are emitted (`_reserve`): the budget may be far larger than what a row ever emits.
+        self.tokens = torch.full((batch, 0), int(self.pad_token_id), dtype=torch.long, device=device)
         self.num_emitted = torch.zeros(batch, dtype=torch.long, device=device)
         self.num_forwards = torch.zeros(batch, dtype=torch.long, device=device)
         self.cycle_lengths = [[] for _ in range(batch)]
@@ -453,6 +454,7 @@ class _Rows:
         cut inside the chunk. Returns [live] number of tokens actually emitted per row."""
         emitted = torch.zeros_like(counts)
         counts = torch.minimum(counts, self.remaining())
+        self._reserve(int((self.num_emitted[self.active] + counts).max()) if self.size else 0)
         streamed = []
         for b in range(self.size):
             row, n = int(self.active[b]), int(counts[b])
@@ -472,6 +474,15 @@ class _Rows:
         if self.streamer is not None and streamed:
             self.streamer.put(streamed[0].cpu())
         return emitted
+
+    def _reserve(self, width):
+        """Room for `width` emitted tokens per row: the buffer at least doubles when it grows, within the budget."""
+        if width <= self.tokens.shape[1]:
+            return
+        width = min(max(width, 2 * self.tokens.shape[1], 64), self.max_new_tokens)
+        grown = self.tokens.new_full((self.tokens.shape[0], width), int(self.pad_token_id))
+        grown[:, : self.tokens.shape[1]] = self.tokens
+        self.tokens = grown
 
     def _first_stop(self, row, start, n):
         """Index in [0, n) of the first new token at which a stopping criterion fires, or None."""
@@ -706,7 +717,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         committed = generation_config.max_length  # prompt + new tokens
         if batch > 1:
             committed = -(-4 * committed // 3)
-        block = generation_config.block_size
+        block = min(generation_config.block_size, generation_config.max_length - input_ids.shape[1])
         room = committed + block * (block + 1) + 2 * block
         return StaticCache(config=self.config, max_cache_len=room)
 
@@ -792,7 +803,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         """
         config = generation_config
         mask_id, end_think = self.config.mask_token_id, config.end_think_token_id
-        block_size, threshold, causal = config.block_size, config.confidence_threshold, config.causal_context
+        threshold, causal = config.confidence_threshold, config.causal_context
         device = rows.prompt.device
         seed_logits = self._prefill_prompt(rows, cache, is_causal=causal)
         seeds = (
@@ -800,6 +811,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         )
 
         while rows.size:
+            block_size = min(config.block_size, int(rows.remaining().max()))  # no slots past the budget
             block = torch.full((rows.size, block_size), mask_id, dtype=torch.long, device=device)
             masked = torch.ones(rows.size, block_size, dtype=torch.bool, device=device)
             if causal:
@@ -1047,7 +1059,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         """[prompt | masks x B]: the prompt is causal, the masks see the prompt and each other. The prompt's K/V are
         kept; the first draft is the AR token after the prompt followed by the masks' diffusion guesses."""
         mask_id = self.config.mask_token_id
-        block_size = config.block_size
+        block_size = min(config.block_size, rows.max_new_tokens)  # no draft slots past the budget
         device = rows.prompt.device
         masks = torch.full((rows.size, block_size), mask_id, dtype=torch.long, device=device)
         prompt_positions = (rows.slot_mask.cumsum(-1) - 1).clamp(min=0)

@@ -123,6 +123,39 @@ def test_settings_that_do_not_apply_to_the_mode_warn(model, mode, arguments, wor
     assert out.shape == (1, IDS.shape[1] + 6)
 
 
+# ------------------------------------------------------------------------------------------- memory and blocks
+@pytest.mark.parametrize("mode", NON_AR)
+def test_a_huge_budget_allocates_nothing_up_front(model, mode):
+    """max_new_tokens=10**12 (an 8 TB token buffer if allocated up front) with EOS as the first token: one token,
+    as in AR."""
+    first = int(_generate(model, mode, max_new_tokens=1)[0, -1])
+    out = _generate(model, mode, max_new_tokens=10**12, eos_token_id=first)
+    assert out[0, IDS.shape[1]:].tolist() == [first]
+
+
+@pytest.mark.parametrize("mode,cache", [("diffusion", None), ("quadratic_spec", None), ("linear_spec", "static")])
+def test_a_block_larger_than_the_budget_is_cut_to_it(model, mode, cache):
+    """block_size=10**6 with 4 tokens to go (a 10**12-entry attention pattern, or static cache, if not cut) runs the
+    same forwards and returns the same tokens as block_size=4."""
+    settings = dict(max_new_tokens=4, return_dict_in_generate=True, cache_implementation=cache)
+    with torch.no_grad():
+        reference = model.generate(IDS, decode_mode=mode, block_size=4, **settings)
+        huge = model.generate(IDS, decode_mode=mode, block_size=10**6, **settings)
+    assert torch.equal(huge.sequences, reference.sequences)
+    assert torch.equal(huge.num_forwards, reference.num_forwards)
+
+
+def test_diffusion_spends_no_forwards_on_slots_past_the_budget(model):
+    """A 64-slot block with 4 tokens to go denoises the 4 slots only: the forwards of block_size=4."""
+    settings = dict(max_new_tokens=4, return_dict_in_generate=True, confidence_threshold=None)
+    with torch.no_grad():
+        reference = model.generate(IDS, decode_mode="diffusion", block_size=4, **settings)
+        wide = model.generate(IDS, decode_mode="diffusion", block_size=64, **settings)
+    assert torch.equal(wide.sequences, reference.sequences)
+    # the prefill (which seeds slot 0) and one denoising step per remaining slot; the row is done before a commit
+    assert wide.num_forwards.tolist() == reference.num_forwards.tolist() == [1 + 3]
+
+
 # (name, pipeline call arguments, exception type, words)
 PIPELINE_CASES = [
     ("fractional max_new_tokens", dict(max_new_tokens=2.5, decode_mode="linear_spec"), TypeError,
