@@ -86,8 +86,30 @@ _MODE_DEFAULTS = {
 _MODE_DEFAULT = object()  # placeholder for "not set anywhere": resolved per decode_mode
 # Forward arguments that select an attention pattern: `generate` must never pass them to every forward.
 _FORBIDDEN_GENERATE_KWARGS = ("is_causal", "update_cache", "mask_function", "labels")
+
+
+class InfiniteTemperatureLogitsWarper(LogitsProcessor):
+    """Temperature infinity: every token still allowed (finite score) gets score 0, i.e. a uniform draw over the
+    allowed tokens; tokens already at -inf stay excluded. It replaces `TemperatureLogitsWarper(inf)`, whose
+    `-inf / inf` is NaN for every excluded token (the non-AR modes exclude the mask token before the processors).
+    On finite scores both give the same zeros, so AR is unchanged."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return torch.where(scores > -math.inf, torch.zeros_like(scores), scores)
+
+
+def _without_infinite_temperature(logits_processor):
+    return LogitsProcessorList(
+        InfiniteTemperatureLogitsWarper()
+        if isinstance(p, TemperatureLogitsWarper) and math.isinf(p.temperature)
+        else p
+        for p in logits_processor
+    )
+
+
 # Logits processors that do not read `input_ids`: safe to apply to many positions at once.
 _PREFIX_FREE_PROCESSORS = (
+    InfiniteTemperatureLogitsWarper,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -646,7 +668,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         **model_kwargs,
     ):
         mode = generation_config.decode_mode
-        logits_processor = LogitsProcessorList(list(logits_processor))
+        logits_processor = _without_infinite_temperature(logits_processor)
         if generation_config.max_thinking_tokens is not None:
             logits_processor.append(
                 ThinkingBudgetLogitsProcessor(

@@ -156,6 +156,20 @@ def test_diffusion_spends_no_forwards_on_slots_past_the_budget(model):
     assert wide.num_forwards.tolist() == reference.num_forwards.tolist() == [1 + 3]
 
 
+@pytest.mark.parametrize("mode", NON_AR)
+def test_infinite_temperature_samples_uniformly_in_every_mode(model, mode):
+    """temperature=inf: AR samples uniformly over the vocabulary; so does every other mode (the mask token, which
+    the non-AR modes exclude before the processors, stays excluded in diffusion) instead of failing on NaN."""
+    torch.manual_seed(0)
+    out = _generate(model, mode, input_ids=IDS.expand(16, -1), max_new_tokens=8, do_sample=True,
+                    temperature=math.inf)
+    new = out[:, IDS.shape[1]:]
+    assert new.shape == (16, 8) and int(new.min()) >= 0 and int(new.max()) < 64
+    assert len(set(new.flatten().tolist())) > 40  # 128 uniform draws from 64 ids hit about 55 of them
+    if mode == "diffusion":
+        assert MASK_ID not in new.flatten().tolist()
+
+
 # (name, pipeline call arguments, exception type, words)
 PIPELINE_CASES = [
     ("fractional max_new_tokens", dict(max_new_tokens=2.5, decode_mode="linear_spec"), TypeError,
