@@ -170,6 +170,17 @@ def test_infinite_temperature_samples_uniformly_in_every_mode(model, mode):
         assert MASK_ID not in new.flatten().tolist()
 
 
+# ------------------------------------------------------------------------------------ from_pretrained, pipeline
+def test_from_pretrained_refuses_a_folder_without_config(tmp_path):
+    """It used to build the class's default (8B-shaped) config and load the weights into it."""
+    folder = save_tiny_folder(tmp_path / "no-config")
+    (folder / "config.json").unlink()
+    with pytest.raises(OSError) as raised:
+        NemotronDiffusionForCausalLM.from_pretrained(folder)
+    for word in ("config.json", str(folder)):
+        assert word in str(raised.value), (word, str(raised.value))
+
+
 # (name, pipeline call arguments, exception type, words)
 PIPELINE_CASES = [
     ("fractional max_new_tokens", dict(max_new_tokens=2.5, decode_mode="linear_spec"), TypeError,
