@@ -201,3 +201,132 @@ def test_pipeline_refuses(folder, arguments, error, words):
         generator("hello the sea", max_new_tokens=arguments.pop("max_new_tokens", 4), block_size=4, **arguments)
     for word in words:
         assert word in str(raised.value), (word, str(raised.value))
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+def cli(capsys, *args, stdin=None, monkeypatch=None):
+    """(exit status, stdout, stderr) of `nemotron-diffusion *args`, run in this process (the worktree's code)."""
+    capsys.readouterr()
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", __import__("io").StringIO(stdin))
+    try:
+        status = main([str(a) for a in args])
+    except SystemExit as exit:
+        status = exit.code
+    return (status, *capsys.readouterr())
+
+
+@pytest.fixture(scope="module")
+def broken_folders(folder, tmp_path_factory):
+    """Folders the CLI must refuse: truncated weights, a tensor missing, no tokenizer."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("broken")
+    truncated = root / "truncated"
+    shutil.copytree(folder, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    incomplete = root / "incomplete"
+    shutil.copytree(folder, incomplete)
+    tensors = load_file(incomplete / "model.safetensors")
+    del tensors["encoder.layers.0.mlp.down_proj.weight"]
+    save_file(tensors, incomplete / "model.safetensors", metadata={"format": "pt"})
+    no_tokenizer = root / "no-tokenizer"
+    tiny_model().save_pretrained(no_tokenizer)
+    return {"truncated": truncated, "incomplete": incomplete, "no-tokenizer": no_tokenizer}
+
+
+# (name, arguments after `generate hello`, words the one error line must contain); {name} = a broken folder
+CLI_CASES = [
+    ("infinite temperature", ("-m", "{tiny}", "--temperature", "inf", "--mode", "linear_spec"),
+     ["--temperature", "'inf'", "finite"]),
+    ("truncated weights", ("-m", "{truncated}"), ["--model", "truncated", ".safetensors", "incomplete metadata"]),
+    ("a tensor missing", ("-m", "{incomplete}"), ["--model", "incomplete", "encoder.layers.0.mlp.down_proj.weight"]),
+    ("no tokenizer", ("-m", "{no-tokenizer}"), ["tokenizer", "from one of: (1)", "(3)"]),
+]
+
+
+def _one_line_error(status, err, words):
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "error:" in lines[0]
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+@pytest.mark.parametrize("arguments,words", [pytest.param(c[1], c[2], id=c[0]) for c in CLI_CASES])
+def test_cli_refuses_in_one_line(capsys, folder, broken_folders, arguments, words):
+    paths = {"tiny": folder, **broken_folders}
+    arguments = [a.format(**{k: str(v) for k, v in paths.items()}) for a in arguments]
+    status, _, err = cli(capsys, "generate", "hello", "--max-new-tokens", 3, *arguments)
+    _one_line_error(status, err, words)
+
+
+def test_cli_refusal_in_a_fresh_process_has_no_traceback(broken_folders):
+    """The installed module run as a program, on the worktree's code (PYTHONPATH): the same single error line."""
+    env = dict(__import__("os").environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "nemotron_diffusion", "generate", "hi", "-m", str(broken_folders["truncated"])],
+        capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL,
+    )
+    ours = [line for line in run.stderr.splitlines() if line.startswith("nemotron-diffusion")]
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert len(ours) == 1 and "truncated or corrupt" in ours[0], run.stderr
+
+
+def test_cli_internal_error_is_one_line_with_status_1(capsys, folder, monkeypatch):
+    """A failure that is not the caller's mistake (here generate() raising as an out-of-memory would): one line,
+    status 1, the traceback only with --verbose."""
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory.\nTried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(NemotronDiffusionForCausalLM, "generate", out_of_memory)
+    status, _, err = cli(capsys, "generate", "hello", "-m", folder, "--max-new-tokens", 3)
+    lines = err.strip().splitlines()
+    assert status == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert "RuntimeError: CUDA out of memory. Tried to allocate 8.00 GiB" in lines[0] and "--verbose" in lines[0]
+    with pytest.raises(RuntimeError):
+        main(["--verbose", "generate", "hello", "-m", str(folder), "--max-new-tokens", "3"])
+
+
+@pytest.fixture(scope="module")
+def stops_at_once(tmp_path_factory):
+    """A tiny folder whose EOS is the first token it generates for the chat prompt 'hello', in every mode."""
+    model, tok = tiny_model(), word_tokenizer()
+    inputs = tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True,
+                                     return_tensors="pt", return_dict=True)
+    first = int(model.generate(**inputs, max_new_tokens=1)[0, -1])
+    model.generation_config.eos_token_id = first
+    return save_tiny_folder(tmp_path_factory.mktemp("eos") / "stops", model=model), tok.decode([first])
+
+
+@pytest.mark.parametrize("mode", ("linear_spec", "diffusion"))
+def test_cli_huge_max_new_tokens_generates(capsys, stops_at_once, mode):
+    path, first = stops_at_once
+    status, out, err = cli(capsys, "generate", "hello", "-m", path, "--max-new-tokens", 99999999999, "--mode", mode,
+                           "--block-size", 4)
+    assert status == 0, err
+    assert out == first + "\n"
+
+
+def test_chat_huge_max_new_tokens_replies(capsys, monkeypatch, stops_at_once):
+    path, first = stops_at_once
+    status, out, err = cli(capsys, "chat", "-m", path, "--mode", "linear_spec", "--no-stream",
+                           stdin="/max-new-tokens 99999999999\nhello\n", monkeypatch=monkeypatch)
+    assert status == 0 and "Traceback" not in err, err
+    assert out.strip() == first
+
+
+@pytest.mark.parametrize("flags,words", [
+    (("--block-size", "4"), ["--block-size 4", "--mode ar"]),
+    (("--threshold", "0.5"), ["--threshold 0.5", "--mode ar"]),
+])
+def test_cli_flags_that_do_not_apply_to_ar_warn(capsys, folder, flags, words):
+    status, out, err = cli(capsys, "generate", "hello", "-m", folder, "--mode", "ar", "--max-new-tokens", 3, *flags)
+    warnings = [line for line in err.splitlines() if "warning:" in line]
+    assert status == 0 and out.strip(), err
+    assert len(warnings) == 1 and all(word in warnings[0] for word in words), err
