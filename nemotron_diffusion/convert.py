@@ -30,11 +30,15 @@ ADDED_MASK_TOKEN = "<|mask|>"
 # Tokens whose name says they are free for a new purpose, in order of preference.
 _MASK_NAMES = ("<|mask|>", "<mask>", "[MASK]", "<|MASK|>", "<MASK>")
 _RESERVED_PATTERN = re.compile(r"reserved|unused|^\[control_\d+\]$|^<SPECIAL_\d+>$", re.IGNORECASE)
-_OUR_MODEL_FILES = (
-    "configuration_nemotron_diffusion.py",
-    "modeling_nemotron_diffusion.py",
-    "generation_nemotron_diffusion.py",
-)
+
+
+def _our_model_files():
+    """The model files a folder needs as remote code: the modeling module and every module it imports relatively
+    (what `save_pretrained` copies)."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    modeling = Path(__file__).resolve().parent / "modeling_nemotron_diffusion.py"
+    return sorted([modeling.name, *(Path(f).name for f in get_relative_import_files(str(modeling)))])
 
 
 @dataclass
@@ -374,7 +378,7 @@ def _generation_config(source_model, config):
 def convert_nvidia_folder(src, dst, link: str = "hardlink", overwrite: bool = False) -> list[str]:
     """Rewrites an NVIDIA Nemotron-Labs-Diffusion folder to load with this package's remote code.
 
-    `config.json` keeps every field but gets our `auto_map`; our three model files are written beside it; NVIDIA's
+    `config.json` keeps every field but gets our `auto_map`; our model files are written beside it; NVIDIA's
     own `*.py` files are left out; every other file and folder (weights, tokenizer, generation config, the
     `linear_spec_lora` adapter) is carried over untouched: `link` = "hardlink" (falls back to a copy across
     file systems), "symlink" or "copy". Returns the names written."""
@@ -427,7 +431,7 @@ def convert_nvidia_folder(src, dst, link: str = "hardlink", overwrite: bool = Fa
         written.append(entry.name)
 
     package_dir = Path(__file__).resolve().parent
-    for name in _OUR_MODEL_FILES:
+    for name in _our_model_files():
         shutil.copy2(package_dir / name, dst / name)
         written.append(name)
     config["auto_map"] = dict(_AUTO_MAP)
