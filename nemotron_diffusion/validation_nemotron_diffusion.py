@@ -37,7 +37,8 @@ def validate_model_config(model_config):
     mask_token_id = getattr(model_config, "mask_token_id", None)
     if not _is_int(mask_token_id) or not 0 <= mask_token_id < vocab_size:
         raise ValueError(
-            f"model config: `mask_token_id`={mask_token_id!r} is invalid; allowed: an id in [0, vocab_size={vocab_size})."
+            f"model config: `mask_token_id`={mask_token_id!r} is invalid; allowed: an id in "
+            f"[0, vocab_size={vocab_size})."
         )
 
 

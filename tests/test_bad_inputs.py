@@ -3,7 +3,10 @@ the CLI): each is refused with a named error (the exception type and the words i
 settings that do not apply to the chosen mode warn, and no input makes a mode allocate memory for its whole budget
 or for a block larger than what is left of it."""
 
+import io
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -208,7 +211,7 @@ def cli(capsys, *args, stdin=None, monkeypatch=None):
     """(exit status, stdout, stderr) of `nemotron-diffusion *args`, run in this process (the worktree's code)."""
     capsys.readouterr()
     if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", __import__("io").StringIO(stdin))
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     try:
         status = main([str(a) for a in args])
     except SystemExit as exit:
@@ -219,8 +222,6 @@ def cli(capsys, *args, stdin=None, monkeypatch=None):
 @pytest.fixture(scope="module")
 def broken_folders(folder, tmp_path_factory):
     """Folders the CLI must refuse: truncated weights, a tensor missing, no tokenizer."""
-    import shutil
-
     from safetensors.torch import load_file, save_file
 
     root = tmp_path_factory.mktemp("broken")
@@ -267,7 +268,7 @@ def test_cli_refuses_in_one_line(capsys, folder, broken_folders, arguments, word
 
 def test_cli_refusal_in_a_fresh_process_has_no_traceback(broken_folders):
     """The installed module run as a program, on the worktree's code (PYTHONPATH): the same single error line."""
-    env = dict(__import__("os").environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1")
     run = subprocess.run(
         [sys.executable, "-m", "nemotron_diffusion", "generate", "hi", "-m", str(broken_folders["truncated"])],
         capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL,
