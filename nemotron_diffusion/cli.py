@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module, which provides `HELP` (one line), `add_arguments(parser)` and
 `run(args) -> int`. User errors (a missing model, a bad flag value) print one line, without a traceback, and exit
-with status 2: subcommands raise `UserError`, and argparse's own errors are shortened to one line as well.
+with status 2: subcommands raise `UserError`, and argparse's own errors are shortened to one line as well. Any other
+failure prints one line too and exits with status 1 (`--verbose` shows its traceback).
 """
 
 import argparse
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
-        "--verbose", "-v", action="store_true", help="show transformers' warnings and progress bars"
+        "--verbose", "-v", action="store_true",
+        help="show transformers' warnings and progress bars, and the traceback of an internal error",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     for name, module_name in COMMANDS.items():
@@ -83,6 +85,16 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except Exception as error:  # a failure that is not the caller's mistake: one line too, the traceback on request
+        if args.verbose:
+            raise
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(
+            f"nemotron-diffusion {args.command}: internal error: {type(error).__name__}: {message} "
+            "(run with --verbose for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

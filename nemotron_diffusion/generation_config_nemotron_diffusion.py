@@ -168,11 +168,7 @@ class NemotronDiffusionGenerationConfig(GenerationConfig):
                 f"`end_think_token_id`={end!r} is invalid for decode_mode={mode!r}; allowed: a token id in "
                 f"[0, {model_config.vocab_size}) when max_thinking_tokens is set."
             )
-        if budget is not None and mode == "diffusion" and end == model_config.mask_token_id:
-            raise ValueError(
-                f"`end_think_token_id`={end!r} is invalid for decode_mode={mode!r}; allowed: a token other than the "
-                f"mask token ({model_config.mask_token_id})."
-            )
+        # (the mask id as `end_think_token_id` is refused in every mode by `validate_generation_settings`)
 
     def to_diff_dict(self):
         # Written by `save_pretrained`: the mode fields whose default is not per mode are listed explicitly, and the

@@ -33,7 +33,6 @@ import torch
 from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.generation import CompileConfig, GenerationMixin
 from transformers.generation.configuration_utils import GenerationMode
-from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
@@ -60,7 +59,9 @@ from .sampling_nemotron_diffusion import (
     shift_left,
     softmax_probs,
     speculative_accept,
+    without_infinite_temperature,
 )
+from .validation_nemotron_diffusion import validate_generate_inputs, validate_generation_settings
 
 # Forward arguments that select an attention pattern: `generate` must never pass them to every forward.
 _FORBIDDEN_GENERATE_KWARGS = ("is_causal", "update_cache", "mask_function", "labels")
@@ -135,6 +136,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             prepared, overrides, generation_config, self.generation_config
         )
         resolved.validate_for_model(self.config)
+        validate_generation_settings(resolved, self.config)
         return resolved, model_kwargs
 
     def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
@@ -177,6 +179,8 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         # A drafter adapter serves only the bidirectional forwards of the modes in `drafter_modes`: every other
         # forward of every decoding path (AR steps, beams, assisted decoding, prefill, verify, commit) runs without
         # it, and each adapter's own state is restored afterwards.
+        prompt = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+        validate_generate_inputs(prompt, kwargs.get("attention_mask"), self.config)
         passed = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
         adapter = mode_field("drafter_adapter", kwargs, passed, self.generation_config)
         if adapter is None and any(hasattr(m, "_disable_adapters") for m in self.modules()):
@@ -244,7 +248,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
                 )
             # In a mode the drafter does not serve, every forward runs without it.
             set_drafting = switch if mode in generation_config.drafter_modes else None
-            loop(rows, cache, LogitsProcessorList(list(logits_processor)), generation_config, set_drafting)
+            loop(rows, cache, without_infinite_temperature(logits_processor), generation_config, set_drafting)
         sequences, num_forwards, tokens_per_forward, acceptance = rows.finish()
         if not generation_config.return_dict_in_generate:
             return sequences
@@ -280,7 +284,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         committed = generation_config.max_length  # prompt + new tokens
         if batch > 1:
             committed = -(-4 * committed // 3)
-        block = generation_config.block_size
+        block = min(generation_config.block_size, generation_config.max_length - input_ids.shape[1])
         room = committed + block * (block + 1) + 2 * block
         return StaticCache(config=self.config, max_cache_len=room)
 
@@ -395,7 +399,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         """
         config = generation_config
         mask_id, end_think = self.config.mask_token_id, config.end_think_token_id
-        block_size, threshold, causal = config.block_size, config.confidence_threshold, config.causal_context
+        threshold, causal = config.confidence_threshold, config.causal_context
         device = rows.prompt.device
         seed_logits = self._prefill_prompt(rows, cache, is_causal=causal)
         seeds = (
@@ -403,6 +407,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         )
 
         while rows.size:
+            block_size = min(config.block_size, int(rows.remaining().max()))  # no slots past the budget
             block = torch.full((rows.size, block_size), mask_id, dtype=torch.long, device=device)
             masked = torch.ones(rows.size, block_size, dtype=torch.bool, device=device)
             if causal:

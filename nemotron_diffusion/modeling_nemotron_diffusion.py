@@ -98,6 +98,22 @@ class NemotronDiffusionPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_record_outputs = {"hidden_states": Ministral3DecoderLayer, "attentions": Ministral3Attention}
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        # transformers builds the class's default (8B-shaped) config for a local folder without config.json.
+        folder = os.path.join(os.fspath(pretrained_model_name_or_path or ""), kwargs.get("subfolder") or "")
+        if (
+            kwargs.get("config") is None
+            and kwargs.get("gguf_file") is None
+            and os.path.isdir(folder)
+            and not os.path.isfile(os.path.join(folder, "config.json"))
+        ):
+            raise OSError(
+                f"{cls.__name__}.from_pretrained: the folder {folder!r} has no config.json; pass the folder of a "
+                "saved model, or `config=` explicitly."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         # No request (or "auto"): the best backend installed, see `preferred_attn_implementation`. An explicit
         # request, from `from_pretrained(attn_implementation=...)` or a config.json (NVIDIA's pins "sdpa"), wins.

@@ -26,8 +26,29 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
+class InfiniteTemperatureLogitsWarper(LogitsProcessor):
+    """Temperature infinity: every token still allowed (finite score) gets score 0, i.e. a uniform draw over the
+    allowed tokens; tokens already at -inf stay excluded. It replaces `TemperatureLogitsWarper(inf)`, whose
+    `-inf / inf` is NaN for every excluded token (the block modes exclude the mask token before the processors).
+    On finite scores both give the same zeros, so AR is unchanged."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return torch.where(scores > -math.inf, torch.zeros_like(scores), scores)
+
+
+def without_infinite_temperature(logits_processor):
+    """A copy of the list with an infinite `TemperatureLogitsWarper` replaced by `InfiniteTemperatureLogitsWarper`."""
+    return LogitsProcessorList(
+        InfiniteTemperatureLogitsWarper()
+        if isinstance(p, TemperatureLogitsWarper) and math.isinf(p.temperature)
+        else p
+        for p in logits_processor
+    )
+
+
 # Logits processors that do not read `input_ids`: safe to apply to many positions at once.
 PREFIX_FREE_PROCESSORS = (
+    InfiniteTemperatureLogitsWarper,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,

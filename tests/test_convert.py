@@ -278,6 +278,29 @@ def test_from_nvidia_rewrites_code_and_keeps_weights(tmp_path, link):
         assert torch.equal(x, y), key
 
 
+def test_from_nvidia_folder_loads_as_remote_code_without_the_package(tmp_path):
+    """Every model file the remote code imports is written (the modeling module's relative imports, as
+    save_pretrained copies them): the folder loads with trust_remote_code where this package cannot be imported."""
+    import subprocess
+    import sys
+
+    dst = tmp_path / "ours"
+    convert_nvidia_folder(_nvidia_like_folder(tmp_path), dst, link="copy")
+    script = (
+        'import sys\nsys.modules["nemotron_diffusion"] = None\n'
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(dst)!r}, trust_remote_code=True)\n"
+        "print(type(model).__name__, model.generate(__import__('torch').tensor([[5, 6, 7]]), max_new_tokens=2, "
+        "decode_mode='linear_spec', block_size=2).shape[1])\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
+    env.pop("PYTHONPATH", None)
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-2:] == ["NemotronDiffusionForCausalLM", "5"]
+
+
 def test_from_nvidia_refuses_other_folders(tmp_path, capsys):
     src, _ = _llama(tmp_path)
     with pytest.raises(ValueError, match="not 'nemotron_labs_diffusion'"):

@@ -431,22 +431,30 @@ def test_all_rows_stop_early_output_is_trimmed(confident_model):
 
 @pytest.mark.parametrize("threshold", [0.9, 0.3, None])
 @pytest.mark.parametrize("max_new", [1, 3, 13])
-def test_exact_budget_is_prefix_of_longer_run(confident_model, threshold, max_new):
+def test_exact_budget_cuts_the_last_block(confident_model, threshold, max_new):
+    """A budget that ends inside a block (block 8): the full blocks before it are the longer run's; the last block
+    is cut to the slots that are left, so no forward is spent on slots that would never be emitted, and it is
+    decoded exactly as a block of that size."""
     prompt = random_prompt(80, 7, batch=2)
+    full = max_new // 8 * 8  # new tokens in full blocks
     long = gen(confident_model, prompt, max_new_tokens=24, confidence_threshold=threshold)
     out = gen(confident_model, prompt, max_new_tokens=max_new, confidence_threshold=threshold)
     assert out.sequences.shape == (2, 7 + max_new)
-    assert torch.equal(out.sequences, long.sequences[:, : 7 + max_new])
+    assert torch.equal(out.sequences[:, : 7 + full], long.sequences[:, : 7 + full])
     if max_new == 1:  # the AR seed of the prefill is the only token: no denoising forward
         assert out.num_forwards.tolist() == [1, 1]
     assert (out.num_forwards <= long.num_forwards).all()
+    if max_new < 8:  # one block, cut to the budget: the run with block_size = budget
+        cut = gen(confident_model, prompt, max_new_tokens=max_new, block_size=max_new, confidence_threshold=threshold)
+        assert torch.equal(out.sequences, cut.sequences) and torch.equal(out.num_forwards, cut.num_forwards)
     # sampling, one row (a batch draws noise for its live rows only, so rows that finish change the others' draws):
-    # the short run makes the same random draws until its last needed slot is committed
+    # the short run makes the same random draws as the long one through its full blocks (and the prefill's seed)
     torch.manual_seed(5)
     long = gen(confident_model, prompt[:1], max_new_tokens=24, confidence_threshold=threshold, do_sample=True)
     torch.manual_seed(5)
     out = gen(confident_model, prompt[:1], max_new_tokens=max_new, confidence_threshold=threshold, do_sample=True)
-    assert torch.equal(out.sequences, long.sequences[:, : 7 + max_new])
+    same = 7 + max(full, 1)
+    assert torch.equal(out.sequences[:, :same], long.sequences[:, :same])
 
 
 class StopOnToken(StoppingCriteria):
@@ -658,11 +666,12 @@ def test_fields_from_model_generation_config(direct_runs):
 
 def test_default_threshold_and_block_size_in_diffusion_mode(confident_model):
     prompt = random_prompt(101, 6)
-    default = _run(confident_model, prompt, decode_mode="diffusion", **{**COMMON, "max_new_tokens": 40})
+    # two full blocks of 32 (a budget that ends inside a block cuts that block, where the two thresholds agree here)
+    default = _run(confident_model, prompt, decode_mode="diffusion", **{**COMMON, "max_new_tokens": 64})
     explicit = _run(confident_model, prompt, decode_mode="diffusion", block_size=32, confidence_threshold=0.9,
-                    **{**COMMON, "max_new_tokens": 40})
+                    **{**COMMON, "max_new_tokens": 64})
     other = _run(confident_model, prompt, decode_mode="diffusion", block_size=32, confidence_threshold=None,
-                 **{**COMMON, "max_new_tokens": 40})
+                 **{**COMMON, "max_new_tokens": 64})
     assert default == explicit
     assert other != explicit
 

@@ -114,6 +114,7 @@ class Chat:
             _note(f"error: /{name} {value}: {error}")
             return
         _note(f"({self.settings.describe(self.model)})")
+        self.settings.warn_ignored(self.settings.resolved_mode(self.model))
 
     @staticmethod
     def _mode(value):
@@ -167,6 +168,7 @@ def run(args):
 
         set_seed(args.seed)
     chat = Chat(model, tokenizer, settings, system=args.system, stream=args.stream, show_stats=args.stats)
+    settings.warn_ignored(settings.resolved_mode(model))
     interactive = sys.stdin.isatty()
     _note(f"chat ({settings.describe(model)}); /help lists the commands, /quit leaves")
     while True:

@@ -3,6 +3,7 @@
 import argparse
 import contextlib
 import importlib
+import math
 import os
 import re
 import sys
@@ -45,8 +46,8 @@ def temperature(text):
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0 = greedy), got {text!r}")
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0 = greedy), got {text!r}")
     return value
 
 
@@ -124,15 +125,31 @@ class Settings:
                 "the verify forward); leave it out"
             )
 
+    def ignored_flags(self, mode):
+        """The flags that are set but do not apply to `mode` (AR has no blocks and no confidence threshold)."""
+        if mode != "ar":
+            return []
+        flags = []
+        if self.block_size is not None:
+            flags.append(f"--block-size {self.block_size}")
+        if self.threshold is not _UNSET:
+            flags.append(f"--threshold {'none' if self.threshold is None else self.threshold}")
+        return flags
+
+    def warn_ignored(self, mode):
+        """One line on stderr for each flag that does not apply to `mode`."""
+        for flag in self.ignored_flags(mode):
+            print(f"nemotron-diffusion: warning: {flag} does not apply to --mode {mode}; ignored", file=sys.stderr)
+
     def generate_kwargs(self, model=None):
         mode = self.resolved_mode(model)
         self.check(mode)
         kwargs = dict(max_new_tokens=self.max_new_tokens)
         if self.mode is not None:
             kwargs["decode_mode"] = self.mode
-        if self.block_size is not None:
+        if self.block_size is not None and mode != "ar":
             kwargs["block_size"] = self.block_size
-        if self.threshold is not _UNSET:
+        if self.threshold is not _UNSET and mode != "ar":
             kwargs["confidence_threshold"] = self.threshold
         if self.temperature is not None:
             if self.temperature > 0:
@@ -178,7 +195,7 @@ def default_model_path():
             return os.fspath(demo.demo_path())
     except Exception as error:  # the demo could not be built or found: report it as the reason, in one line
         raise UserError(
-            f"no model given and the demo model is not available ({_first_line(error)}); pass --model FOLDER"
+            f"no model given and the demo model is not available ({_one_line(error)}); pass --model FOLDER"
         ) from error
 
 
@@ -196,9 +213,21 @@ def resolve_model_path(path):
     return path  # a Hub repo id
 
 
-def _first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def _one_line(error):
+    """The error's message on one line (a multi-line message joined, so nothing after its first line is lost)."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text or type(error).__name__
+
+
+def _refuse_incomplete_weights(path, loading):
+    """A checkpoint with a weight missing is refused: transformers would fill it with random values and only log a
+    report (which the CLI keeps quiet)."""
+    missing = sorted(loading.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:5]) + (f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise UserError(
+            f"--model {path!r} is incomplete: {len(missing)} weight(s) missing from the checkpoint: {shown}"
+        )
 
 
 def load_model(args):
@@ -219,11 +248,13 @@ def load_model(args):
             raise UserError(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1, auto)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"--device {args.device!r}: CUDA is not available on this machine")
+    from safetensors import SafetensorError
+
     errors = (OSError, ValueError, KeyError, RuntimeError, ImportError, TypeError)
     try:
         config = AutoConfig.from_pretrained(path)
     except errors as error:
-        raise UserError(f"cannot load --model {path!r}: {_first_line(error)}") from error
+        raise UserError(f"cannot load --model {path!r}: {_one_line(error)}") from error
     if config.model_type != NemotronDiffusionConfig.model_type:
         raise UserError(
             f"--model {path!r} is a {config.model_type!r} model, not a tri-mode nemotron-diffusion model "
@@ -232,14 +263,22 @@ def load_model(args):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except errors as error:
-        raise UserError(f"cannot load the tokenizer of --model {path!r}: {_first_line(error)}") from error
+        raise UserError(f"cannot load the tokenizer of --model {path!r}: {_one_line(error)}") from error
     try:
-        if device == "auto":
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto")
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        placement = dict(device_map="auto") if device == "auto" else {}
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, output_loading_info=True, **placement
+        )
+    except SafetensorError as error:
+        raise UserError(
+            f"cannot read the weights of --model {path!r} (a .safetensors file is truncated or corrupt): "
+            f"{_one_line(error)}"
+        ) from error
     except errors as error:
-        raise UserError(f"cannot load --model {path!r}: {_first_line(error)}") from error
+        raise UserError(f"cannot load --model {path!r}: {_one_line(error)}") from error
+    _refuse_incomplete_weights(path, loading)
+    if device != "auto":
+        model = model.to(device)
     model = _attach_drafter(model, getattr(args, "drafter", "none"), path, demo=args.model is None)
     return model.eval(), tokenizer
 
@@ -281,7 +320,7 @@ def _attach_drafter(model, choice, path, demo):
 
         return attach_drafter(model, folder)
     except (ImportError, OSError, ValueError, KeyError, RuntimeError, TypeError) as error:
-        raise UserError(f"cannot attach the drafter {folder!r}: {_first_line(error)}") from error
+        raise UserError(f"cannot attach the drafter {folder!r}: {_one_line(error)}") from error
 
 
 # -------------------------------------------------------------------------------------------------- prompts

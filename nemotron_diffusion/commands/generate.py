@@ -35,6 +35,7 @@ def run(args):
     model, tokenizer = load_model(args)
     kwargs = settings.generate_kwargs(model)
     mode = settings.resolved_mode(model)
+    settings.warn_ignored(mode)
     inputs = {k: v.to(model.device) for k, v in encode_prompt(tokenizer, prompt, raw=args.raw).items()}
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if args.stream else None
     if args.seed is not None:
