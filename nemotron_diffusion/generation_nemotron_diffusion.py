@@ -663,6 +663,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             raise ValueError(f"decode_mode={mode!r} streams a batch of one row only; got {input_ids.shape[0]} rows.")
         rows = _Rows(input_ids, model_kwargs.get("attention_mask"), generation_config, stopping_criteria, streamer)
         rows.encoder_call = self._encoder_call(cache, generation_config)
+        rows.prefill_inputs = self._prefill_inputs(model_kwargs)
         if is_static_cache(cache):
             rows.mask_length = cache.layers[0].max_cache_len
         loop = {
@@ -735,6 +736,11 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         )
 
     # ---- shared steps ---------------------------------------------------------------------------------------
+    def _prefill_inputs(self, model_kwargs):
+        """Model inputs that only the prompt's forward takes (a VLM's `pixel_values`/`image_sizes`), picked from
+        `generate()`'s model kwargs; the block loops pass them to the prefill and to no other forward."""
+        return {}
+
     def _prefill_prompt(self, rows, cache, is_causal=True):
         """One forward over the prompt that writes the cache; returns the last position's logits [B, V]."""
         positions = (rows.slot_mask.cumsum(-1) - 1).clamp(min=0)
@@ -746,6 +752,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             use_cache=True,
             is_causal=is_causal,
             logits_to_keep=1,
+            **rows.prefill_inputs,
         )
         rows.count_forward()
         return out.logits[:, -1]
@@ -1057,6 +1064,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             is_causal=False,
             update_cache=True,
             mask_function=_bootstrap_mask_function(rows.prompt_length),
+            **rows.prefill_inputs,
         )
         rewind_cache(cache, block_size)
         rows.count_forward()

@@ -318,6 +318,20 @@ class NemotronDiffusionForCausalLM(NemotronDiffusionPreTrainedModel, NemotronDif
     _pp_plan = {"diffusion_head": (["hidden_states"], ["logits"])}
     # The loss is a per-batch mean whose denominator (masked tokens) is not the Trainer's `num_items_in_batch`.
     accepts_loss_kwargs = False
+    # Image inputs (`pixel_values`, `image_sizes`) are refused unless a subclass (the VLM) takes them.
+    _accepts_image_inputs = False
+
+    def _refuse_image_inputs(self, kwargs):
+        for name in ("pixel_values", "image_sizes"):
+            if not self._accepts_image_inputs and kwargs.get(name) is not None:
+                raise ValueError(
+                    f"`{name}` was given to {type(self).__name__}, a text-only model; load a VLM checkpoint "
+                    "(model_type 'nemotron_labs_diffusion_vlm') to use images."
+                )
+
+    def _validate_model_kwargs(self, model_kwargs):
+        self._refuse_image_inputs(model_kwargs)
+        super()._validate_model_kwargs(model_kwargs)
 
     def __init__(self, config: NemotronDiffusionConfig):
         super().__init__(config)
@@ -421,6 +435,7 @@ class NemotronDiffusionForCausalLM(NemotronDiffusionPreTrainedModel, NemotronDif
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("Pass the cache either as `cache` or as `past_key_values`, not both.")
         cache = cache if cache is not None else past_key_values
+        self._refuse_image_inputs(kwargs)
         if labels is not None:
             if cache is not None or mask_function is not None or not is_causal:
                 raise ValueError(

@@ -1,0 +1,227 @@
+# Copyright 2026 The nemotron-diffusion authors. Licensed under the Apache License, Version 2.0.
+"""The vision-language tri-mode model, in NVIDIA's Nemotron-Labs-Diffusion-VLM layout.
+
+The vision tower is transformers' `PixtralVisionModel` and the projector transformers' `Mistral3MultiModalProjector`
+(norm, 2x2 patch merger, linear, GELU, linear); the language model is this package's text backbone. NVIDIA keeps the
+tower and the projector inside `encoder`, next to the text layers, so the module tree here is
+
+    encoder.embed_tokens, encoder.layers.*, encoder.norm      text backbone (as the text model)
+    encoder.vision_tower.*                                    PixtralVisionModel
+    encoder.multi_modal_projector.*                           Mistral3MultiModalProjector
+    diffusion_head                                            LM head (untied)
+
+and NVIDIA's weight files load with no renaming. Images enter only through the forward that sees their tokens: the
+forward embeds the ids, replaces the rows whose id is `config.image_token_id` with the image features, in order, and
+runs the backbone on the result. Every later forward (AR steps, diffusion blocks, drafts, verifies) carries token ids
+only and reads the image rows from the cache. `generate()` therefore passes `pixel_values`/`image_sizes` to the
+prefill only, in every decoding mode.
+"""
+
+import torch
+from torch import nn
+from transformers.generation.logits_process import SuppressTokensLogitsProcessor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.mistral3.configuration_mistral3 import Mistral3Config
+from transformers.models.mistral3.modeling_mistral3 import Mistral3MultiModalProjector
+from transformers.models.pixtral.modeling_pixtral import PixtralVisionModel
+
+from .configuration_nemotron_diffusion_vlm import NemotronDiffusionVLMConfig
+from .modeling_nemotron_diffusion import (
+    NemotronDiffusionForCausalLM,
+    NemotronDiffusionModel,
+    NemotronDiffusionPreTrainedModel,
+    _greedy_unless_configured,
+)
+
+
+# Keyword arguments of `generate()` that belong to the prompt's forward only.
+IMAGE_INPUTS = ("pixel_values", "image_sizes")
+
+
+def _projector_config(config: NemotronDiffusionVLMConfig) -> Mistral3Config:
+    """The fields transformers' Mistral3 projector reads, from our flat configuration."""
+    # A copy: building a composite config resets the attention backend of the sub-configs it is given.
+    return Mistral3Config(
+        vision_config=config.vision_config.to_dict(),
+        text_config={"model_type": "mistral", "hidden_size": config.hidden_size, "rms_norm_eps": config.rms_norm_eps},
+        spatial_merge_size=config.spatial_merge_size,
+        projector_hidden_act=config.projector_hidden_act,
+        multimodal_projector_bias=config.multimodal_projector_bias,
+        vision_feature_layer=config.vision_feature_layer,
+    )
+
+
+def _check_image_inputs(pixel_values, image_sizes, cell: int, patch: int):
+    """Validates `pixel_values` [N, C, H, W] and `image_sizes` [N, 2]; returns image_sizes as a list of (h, w)."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"`pixel_values` must be a torch.Tensor [images, channels, height, width], got {type(pixel_values).__name__}.")
+    if pixel_values.ndim != 4 or not pixel_values.is_floating_point():
+        raise ValueError(
+            f"`pixel_values` must be a 4-D floating-point tensor [images, channels, height, width], got shape "
+            f"{tuple(pixel_values.shape)} and dtype {pixel_values.dtype}."
+        )
+    if image_sizes is None:
+        raise ValueError(
+            "`pixel_values` was given without `image_sizes`: pass the (height, width) in pixels of each image, as the "
+            "image processor returns them."
+        )
+    sizes = torch.as_tensor(image_sizes).tolist() if not isinstance(image_sizes, list) else image_sizes
+    if len(sizes) != pixel_values.shape[0] or not all(len(s) == 2 for s in sizes):
+        raise ValueError(
+            f"`image_sizes` must hold one (height, width) pair per image of `pixel_values` ({pixel_values.shape[0]} "
+            f"images), got {image_sizes!r}."
+        )
+    height, width = pixel_values.shape[-2:]
+    out = []
+    for i, (h, w) in enumerate(sizes):
+        h, w = int(h), int(w)
+        if not (0 < h <= height and 0 < w <= width) or h % cell or w % cell:
+            raise ValueError(
+                f"`image_sizes[{i}]`=({h}, {w}) is invalid; allowed: positive multiples of {cell} (patch {patch} x "
+                f"merge) no larger than the pixel_values size ({height}, {width})."
+            )
+        out.append((h, w))
+    return out
+
+
+class NemotronDiffusionVLMModel(NemotronDiffusionModel):
+    """NVIDIA's `encoder` of the VLM: the text backbone plus `vision_tower` and `multi_modal_projector`.
+
+    `forward` takes the text backbone's arguments plus `pixel_values` and `image_sizes`; with them, the rows of
+    `input_ids` equal to `config.image_token_id` get the image features (images in order, each image row-major)."""
+
+    config_class = NemotronDiffusionVLMConfig
+    _no_split_modules = ["Ministral3DecoderLayer", "PixtralAttentionLayer"]
+
+    def __init__(self, config: NemotronDiffusionVLMConfig):
+        super().__init__(config)
+        self.vision_tower = PixtralVisionModel(config.vision_config)
+        self.multi_modal_projector = Mistral3MultiModalProjector(_projector_config(config))
+        self.post_init()
+
+    def get_image_features(self, pixel_values, image_sizes, vision_feature_layer=None, **kwargs):
+        """Tower + projector. Returns a `BaseModelOutputWithPooling` whose `pooler_output` is a tuple with one
+        [cells, hidden_size] tensor per image (as transformers' Mistral3 does), `last_hidden_state` the tower's
+        output."""
+        patch = self.config.vision_config.patch_size
+        cell = patch * self.config.spatial_merge_size
+        sizes = _check_image_inputs(pixel_values, image_sizes, cell, patch)
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        sizes_tensor = torch.tensor(sizes, dtype=torch.long, device=pixel_values.device)
+        tower = self.vision_tower(pixel_values, image_sizes=sizes_tensor, output_hidden_states=True, return_dict=True)
+        if isinstance(layer, int):
+            selected = tower.hidden_states[layer]
+        else:
+            selected = torch.cat([tower.hidden_states[i] for i in layer], dim=-1)
+        features = self.multi_modal_projector(selected.squeeze(0), sizes_tensor)
+        per_image = [(h // cell) * (w // cell) for h, w in sizes]
+        return BaseModelOutputWithPooling(
+            last_hidden_state=tower.last_hidden_state,
+            pooler_output=torch.split(features, per_image),
+            hidden_states=tower.hidden_states,
+        )
+
+    def embed_with_images(self, input_ids, pixel_values, image_sizes):
+        """Token embeddings of `input_ids` with the image-token rows replaced by the image features, in order."""
+        if input_ids is None:
+            raise ValueError("`pixel_values` needs `input_ids` (the image-token positions), not `inputs_embeds`.")
+        embeds = self.embed_tokens(input_ids)
+        features = torch.cat(self.get_image_features(pixel_values, image_sizes).pooler_output, dim=0)
+        slots = input_ids == self.config.image_token_id
+        found = int(slots.sum())
+        if found != features.shape[0]:
+            raise ValueError(
+                f"`input_ids` hold {found} image tokens (id {self.config.image_token_id}) but `pixel_values` with "
+                f"`image_sizes`={[list(s) for s in torch.as_tensor(image_sizes).tolist()]} give {features.shape[0]} "
+                "image features: each image needs one token per 28x28 cell (use the processor to expand the images)."
+            )
+        return embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
+
+    def forward(self, input_ids=None, inputs_embeds=None, pixel_values=None, image_sizes=None, **kwargs):
+        if pixel_values is not None:
+            inputs_embeds = self.embed_with_images(input_ids, pixel_values, image_sizes)
+            input_ids = None
+        elif image_sizes is not None:
+            raise ValueError("`image_sizes` was given without `pixel_values`.")
+        elif input_ids is not None and not torch.compiler.is_compiling():
+            found = int((input_ids == self.config.image_token_id).sum())
+            if found:
+                raise ValueError(
+                    f"`input_ids` hold {found} image tokens (id {self.config.image_token_id}) but no `pixel_values` "
+                    "were given."
+                )
+        return super().forward(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+
+
+class NemotronDiffusionVLMForConditionalGeneration(NemotronDiffusionForCausalLM):
+    """Nemotron-Labs-Diffusion-VLM with its LM head: images + text in, text out, in every `decode_mode`.
+
+    `generate(input_ids, pixel_values=..., image_sizes=...)` runs the vision tower once, in the prompt's forward;
+    the image marker ids and the mask id are never generated (they are suppressed in every mode)."""
+
+    config_class = NemotronDiffusionVLMConfig
+    _no_split_modules = ["Ministral3DecoderLayer", "PixtralAttentionLayer"]
+    input_modalities = ("image", "text")
+    _accepts_image_inputs = True
+
+    def __init__(self, config: NemotronDiffusionVLMConfig):
+        NemotronDiffusionPreTrainedModel.__init__(self, config)
+        self.encoder = NemotronDiffusionVLMModel(config)
+        self.vocab_size = config.vocab_size
+        self.mask_token_id = config.mask_token_id
+        self.diffusion_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+        _greedy_unless_configured(self.generation_config)
+
+    def get_image_features(self, pixel_values, image_sizes, vision_feature_layer=None, **kwargs):
+        return self.encoder.get_image_features(pixel_values, image_sizes, vision_feature_layer, **kwargs)
+
+    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, labels=None, **kwargs):
+        r"""The text model's forward (see [`NemotronDiffusionForCausalLM.forward`]) plus `pixel_values`
+        [images, 3, H, W] and `image_sizes` [images, 2] (height, width in pixels), spliced at the image tokens."""
+        if labels is not None and pixel_values is not None:
+            raise ValueError("Training forwards (with `labels`) do not take `pixel_values`: not implemented for images.")
+        if pixel_values is not None or image_sizes is not None:
+            kwargs.update(pixel_values=pixel_values, image_sizes=image_sizes)
+        return super().forward(input_ids=input_ids, labels=labels, **kwargs)
+
+    # ---- generation ----------------------------------------------------------------------------------------
+    def never_generated_token_ids(self) -> list[int]:
+        """Ids suppressed in every decoding mode: the four image markers and the mask token."""
+        return sorted({*self.config.image_marker_ids, self.config.mask_token_id})
+
+    def _get_logits_processor(self, *args, **kwargs):
+        processors = super()._get_logits_processor(*args, **kwargs)
+        device = kwargs.get("device", self.device)
+        processors.insert(0, SuppressTokensLogitsProcessor(self.never_generated_token_ids(), device=device))
+        return processors
+
+    def prepare_inputs_for_generation(self, *args, pixel_values=None, image_sizes=None, **kwargs):
+        """Images go to the first forward of a generation (the prefill) only, as in transformers' VLMs."""
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        first = kwargs.get("is_first_iteration")
+        if first is None:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            first = cache is None or cache.get_seq_length() == 0
+        if first or not kwargs.get("use_cache", True):
+            if pixel_values is not None:
+                inputs["pixel_values"], inputs["image_sizes"] = pixel_values, image_sizes
+        else:
+            inputs.pop("pixel_values", None)
+            inputs.pop("image_sizes", None)
+        return inputs
+
+    def _prefill_inputs(self, model_kwargs):
+        """The block decoding loops pass these to the prompt's forward only."""
+        return {name: model_kwargs[name] for name in IMAGE_INPUTS if model_kwargs.get(name) is not None}
+
+
+# NVIDIA's config.json names the architecture `NemotronLabsDiffusionVLMModel` (loaded with `AutoModel`): the full
+# model with the LM head.
+NemotronLabsDiffusionVLMModel = NemotronDiffusionVLMForConditionalGeneration
+
+__all__ = [
+    "NemotronDiffusionVLMModel",
+    "NemotronDiffusionVLMForConditionalGeneration",
+    "NemotronLabsDiffusionVLMModel",
+]
