@@ -176,14 +176,40 @@ class NemotronDiffusionVLMForConditionalGeneration(NemotronDiffusionForCausalLM)
     def get_image_features(self, pixel_values, image_sizes, vision_feature_layer=None, **kwargs):
         return self.encoder.get_image_features(pixel_values, image_sizes, vision_feature_layer, **kwargs)
 
-    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, labels=None, **kwargs):
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        cache=None,
+        **kwargs,
+    ):
         r"""The text model's forward (see [`NemotronDiffusionForCausalLM.forward`]) plus `pixel_values`
-        [images, 3, H, W] and `image_sizes` [images, 2] (height, width in pixels), spliced at the image tokens."""
+        [images, 3, H, W] and `image_sizes` [images, 2] (height, width in pixels), spliced at the image tokens.
+        Images are read in order: the first image fills the first image tokens of the first row, and so on."""
         if labels is not None and pixel_values is not None:
             raise ValueError("Training forwards (with `labels`) do not take `pixel_values`: not implemented for images.")
         if pixel_values is not None or image_sizes is not None:
             kwargs.update(pixel_values=pixel_values, image_sizes=image_sizes)
-        return super().forward(input_ids=input_ids, labels=labels, **kwargs)
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            cache=cache,
+            **kwargs,
+        )
 
     # ---- generation ----------------------------------------------------------------------------------------
     def never_generated_token_ids(self) -> list[int]:
