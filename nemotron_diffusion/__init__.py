@@ -6,10 +6,17 @@ NVIDIA's published layout (`model_type: "nemotron_labs_diffusion"`) loads with t
 `trust_remote_code`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+)
 
 from .configuration_nemotron_diffusion import NemotronDiffusionConfig
 from .configuration_nemotron_diffusion_vlm import NemotronDiffusionVLMConfig
+from .image_processing_nemotron_diffusion_vlm import NemotronDiffusionVLMImageProcessor
 from .generation_nemotron_diffusion import (
     DECODE_MODES,
     GENERATION_FIELDS,
@@ -43,6 +50,9 @@ AutoModel.register(NemotronDiffusionVLMConfig, NemotronDiffusionVLMForConditiona
 AutoModelForImageTextToText.register(
     NemotronDiffusionVLMConfig, NemotronDiffusionVLMForConditionalGeneration, exist_ok=True
 )
+AutoImageProcessor.register(
+    NemotronDiffusionVLMConfig, image_processor_classes={"pil": NemotronDiffusionVLMImageProcessor}, exist_ok=True
+)
 
 __all__ = [
     "DECODE_MODES",
@@ -57,6 +67,7 @@ __all__ = [
     "NemotronLabsDiffusionModel",
     "NemotronDiffusionVLMConfig",
     "NemotronDiffusionVLMForConditionalGeneration",
+    "NemotronDiffusionVLMImageProcessor",
     "NemotronDiffusionVLMModel",
     "NemotronLabsDiffusionVLMModel",
     "ThinkingBudgetLogitsProcessor",
