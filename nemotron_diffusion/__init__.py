@@ -12,11 +12,13 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    AutoProcessor,
 )
 
 from .configuration_nemotron_diffusion import NemotronDiffusionConfig
 from .configuration_nemotron_diffusion_vlm import NemotronDiffusionVLMConfig
 from .image_processing_nemotron_diffusion_vlm import NemotronDiffusionVLMImageProcessor
+from .processing_nemotron_diffusion_vlm import NemotronDiffusionVLMProcessor
 from .generation_nemotron_diffusion import (
     DECODE_MODES,
     GENERATION_FIELDS,
@@ -53,6 +55,7 @@ AutoModelForImageTextToText.register(
 AutoImageProcessor.register(
     NemotronDiffusionVLMConfig, image_processor_classes={"pil": NemotronDiffusionVLMImageProcessor}, exist_ok=True
 )
+AutoProcessor.register(NemotronDiffusionVLMConfig, NemotronDiffusionVLMProcessor, exist_ok=True)
 
 __all__ = [
     "DECODE_MODES",
@@ -69,6 +72,7 @@ __all__ = [
     "NemotronDiffusionVLMForConditionalGeneration",
     "NemotronDiffusionVLMImageProcessor",
     "NemotronDiffusionVLMModel",
+    "NemotronDiffusionVLMProcessor",
     "NemotronLabsDiffusionVLMModel",
     "ThinkingBudgetLogitsProcessor",
 ]

@@ -146,3 +146,31 @@ def image_prompt(grids, before=(5, 6), between=(7,), after=(8, 9, 10)) -> list[i
             ids += list(between)
         ids += image_tokens(r, c)
     return ids + list(after)
+
+
+VLM_WORDS = ["user", "assistant", "system", "what", "is", "in", "this", "picture", "and", "a", "cat", "dog", "blue"]
+
+
+def vlm_tokenizer():
+    """A word-level tokenizer with NVIDIA's special ids where they are known: <s> 1, <|im_start|> 10, <|im_end|> 11
+    (EOS), <think> 12, </think> 13, the image markers 18-21, the mask <SPECIAL_100> 100; 128 ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = {"<pad>": 0, "<s>": 1, "<unk>": 2, "<|im_start|>": 10, "<|im_end|>": 11, "<think>": 12,
+               "</think>": 13, "<|image_start|>": IMAGE_START, "<|image_pad|>": IMAGE_PAD,
+               "<|image_break|>": IMAGE_BREAK, "<|image_end|>": IMAGE_END, "<SPECIAL_100>": VLM_MASK_ID}
+    vocab = dict(special)
+    free = [i for i in range(VLM_VOCAB) if i not in special.values()]
+    for word, i in zip(VLM_WORDS, free):
+        vocab[word] = i
+    for i in free[len(VLM_WORDS):]:
+        vocab[f"w{i}"] = i
+    assert sorted(vocab.values()) == list(range(VLM_VOCAB))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    extra = [t for t in special if t not in ("<pad>", "<s>", "<unk>", "<|im_end|>", "<SPECIAL_100>")]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>",
+        mask_token="<SPECIAL_100>", additional_special_tokens=extra,
+    )
