@@ -252,4 +252,7 @@ def image_token_layout(rows: int, cols: int, start: str, pad: str, row_break: st
     return start + "".join(body)
 
 
+# `save_pretrained` copies this file (and its single-dot relative imports) as remote code, with an `auto_map`.
+NemotronDiffusionVLMImageProcessor.register_for_auto_class("AutoImageProcessor")
+
 __all__ = ["NemotronDiffusionVLMImageProcessor", "image_token_layout", "opencv_cubic_resize", "CLIP_MEAN", "CLIP_STD"]

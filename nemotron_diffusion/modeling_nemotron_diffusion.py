@@ -365,7 +365,7 @@ class NemotronDiffusionForCausalLM(NemotronDiffusionPreTrainedModel, NemotronDif
             )
         saved_auto_map = getattr(self.config, "auto_map", None)
         saved_from_model_config = getattr(self.generation_config, "_from_model_config", None)
-        self.config.auto_map = dict(_AUTO_MAP)
+        self.config.auto_map = self._remote_code_auto_map()
         _greedy_unless_configured(self.generation_config)  # a generation config assigned after init may lack it
         added_fields = _add_generation_fields(self.generation_config)
         if self.generation_config is not None:
@@ -383,6 +383,10 @@ class NemotronDiffusionForCausalLM(NemotronDiffusionPreTrainedModel, NemotronDif
             fields = model_card if isinstance(model_card, dict) else {}
             write_model_card(save_directory, name_or_path=self.name_or_path, **fields)
         return output
+
+    def _remote_code_auto_map(self) -> dict:
+        """The `auto_map` that `save_pretrained` writes (a subclass with other Auto classes overrides it)."""
+        return dict(_AUTO_MAP)
 
     def get_input_embeddings(self):
         return self.encoder.embed_tokens

@@ -176,6 +176,15 @@ class NemotronDiffusionVLMForConditionalGeneration(NemotronDiffusionForCausalLM)
     def get_image_features(self, pixel_values, image_sizes, vision_feature_layer=None, **kwargs):
         return self.encoder.get_image_features(pixel_values, image_sizes, vision_feature_layer, **kwargs)
 
+    def _remote_code_auto_map(self) -> dict:
+        return dict(_VLM_AUTO_MAP)
+
+    def save_pretrained(self, save_directory, *args, model_card=False, **kwargs):
+        """As the text model's `save_pretrained` (NVIDIA's key names, this package's files as remote code), with an
+        `auto_map` for AutoConfig, AutoModel and AutoModelForImageTextToText. The text model's card describes
+        text-only usage, so no card is written unless asked for (`model_card=True` or a dict)."""
+        return super().save_pretrained(save_directory, *args, model_card=model_card, **kwargs)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -241,6 +250,17 @@ class NemotronDiffusionVLMForConditionalGeneration(NemotronDiffusionForCausalLM)
         """The block decoding loops pass these to the prompt's forward only."""
         return {name: model_kwargs[name] for name in IMAGE_INPUTS if model_kwargs.get(name) is not None}
 
+
+_VLM_AUTO_MAP = {
+    "AutoConfig": f"configuration_nemotron_diffusion_vlm.{NemotronDiffusionVLMConfig.__name__}",
+    "AutoModel": f"modeling_nemotron_diffusion_vlm.{NemotronDiffusionVLMForConditionalGeneration.__name__}",
+    "AutoModelForImageTextToText": (
+        f"modeling_nemotron_diffusion_vlm.{NemotronDiffusionVLMForConditionalGeneration.__name__}"
+    ),
+}
+# `save_pretrained` copies the files behind these classes (and their single-dot relative imports) next to the weights.
+NemotronDiffusionVLMConfig.register_for_auto_class()
+NemotronDiffusionVLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 # NVIDIA's config.json names the architecture `NemotronLabsDiffusionVLMModel` (loaded with `AutoModel`): the full
 # model with the LM head.

@@ -151,4 +151,7 @@ class NemotronDiffusionVLMProcessor(ProcessorMixin):
         return list(self.tokenizer.model_input_names) + ["pixel_values", "image_sizes"]
 
 
+# `save_pretrained` copies this file (and its single-dot relative imports) as remote code, with an `auto_map`.
+NemotronDiffusionVLMProcessor.register_for_auto_class("AutoProcessor")
+
 __all__ = ["NemotronDiffusionVLMProcessor", "DEFAULT_CHAT_TEMPLATE"]
