@@ -13,6 +13,7 @@ are arguments, so a checkpoint whose template uses another placeholder (e.g. `<i
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from .generation_nemotron_diffusion import GENERATION_FIELDS
 from .image_processing_nemotron_diffusion_vlm import image_token_layout
 
 
@@ -107,6 +108,13 @@ class NemotronDiffusionVLMProcessor(ProcessorMixin):
         `padding_side="left"` for a batch to generate from, `add_special_tokens`)."""
         if text is None:
             raise ValueError("`text` is required: the prompt(s), with one image placeholder per image.")
+        misplaced = sorted(k for k in text_kwargs if k in GENERATION_FIELDS or k in ("max_new_tokens", "do_sample"))
+        if misplaced:
+            # e.g. pipeline("image-text-to-text") hands unknown keyword arguments to the processor, not to generate()
+            raise ValueError(
+                f"{misplaced} are generation arguments, not processor arguments; with a pipeline pass them as "
+                f"generate_kwargs={{{', '.join(repr(k) + ': ...' for k in misplaced)}}}."
+            )
         single = isinstance(text, str)
         texts = [text] if single else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
