@@ -36,6 +36,8 @@ from .modeling_nemotron_diffusion import (
 
 # Keyword arguments of `generate()` that belong to the prompt's forward only.
 IMAGE_INPUTS = ("pixel_values", "image_sizes")
+# Module names of the vision side (PEFT's `exclude_modules`, matched against full module names).
+VISION_MODULES_PATTERN = r"(.*\.)?encoder\.(vision_tower|multi_modal_projector)(\..*)?"
 
 
 def _projector_config(config: NemotronDiffusionVLMConfig) -> Mistral3Config:
@@ -178,6 +180,23 @@ class NemotronDiffusionVLMForConditionalGeneration(NemotronDiffusionForCausalLM)
 
     def _remote_code_auto_map(self) -> dict:
         return dict(_VLM_AUTO_MAP)
+
+    def load_drafter(self, folder, adapter_name: str = "drafter"):
+        """Attaches a PEFT LoRA drafter saved in `folder` (e.g. the text 8B's `linear_spec_lora/`, whose
+        `target_modules` is `["o_proj"]`) to the language layers only, and returns the model itself (the LoRA layers
+        stay inside it; generate() turns them on for LinearSpec draft forwards only). The vision tower's layers
+        have modules of the same names (`attention.o_proj`, ...): they are excluded, so the adapter wraps exactly
+        the modules it has weights for."""
+        import warnings
+
+        from peft import LoraConfig, PeftModel
+
+        config = LoraConfig.from_pretrained(folder)
+        config.exclude_modules = VISION_MODULES_PATTERN
+        with warnings.catch_warnings():  # PEFT reads transformers' deprecated `is_gradient_checkpointing`
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            wrapped = PeftModel.from_pretrained(self, folder, adapter_name=adapter_name, config=config)
+        return wrapped.base_model.model.eval()
 
     def save_pretrained(self, save_directory, *args, model_card=False, **kwargs):
         """As the text model's `save_pretrained` (NVIDIA's key names, this package's files as remote code), with an

@@ -300,6 +300,8 @@ def _attach_drafter(model, choice, path, demo):
             return model
         raise UserError(f"--drafter {choice!r} needs peft: pip install peft") from None
     try:
+        if hasattr(model, "load_drafter"):  # the VLM: the adapter goes to the language layers only
+            return model.load_drafter(folder)
         from ..demo import attach_drafter
 
         return attach_drafter(model, folder)
