@@ -265,6 +265,48 @@ class NemotronDiffusionVLMForConditionalGeneration(NemotronDiffusionForCausalLM)
             inputs.pop("image_sizes", None)
         return inputs
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """`num_return_sequences` > 1: transformers repeats every tensor along dim 0, which for `pixel_values`
+        (one entry per image, not per row) is right only with one image per row. Here each row's own images are
+        repeated with the row, in order."""
+        pixel_values, image_sizes = model_kwargs.pop("pixel_values", None), model_kwargs.pop("image_sizes", None)
+        expanded_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        if pixel_values is not None and expand_size > 1 and input_ids is not None:
+            order = self._images_per_row(input_ids, image_sizes)
+            index = [i for row in order for _ in range(expand_size) for i in row]
+            index = torch.tensor(index, dtype=torch.long, device=pixel_values.device)
+            pixel_values = pixel_values[index]
+            image_sizes = torch.as_tensor(image_sizes, device=pixel_values.device)[index]
+        if pixel_values is not None:
+            model_kwargs["pixel_values"] = pixel_values
+        if image_sizes is not None:
+            model_kwargs["image_sizes"] = image_sizes
+        return expanded_ids, model_kwargs
+
+    def _images_per_row(self, input_ids, image_sizes):
+        """The indices of the images each row of `input_ids` holds, from its number of image tokens."""
+        cell = self.config.vision_config.patch_size * self.config.spatial_merge_size
+        sizes = torch.as_tensor(image_sizes).tolist() if image_sizes is not None else []
+        features = [(int(h) // cell) * (int(w) // cell) for h, w in sizes]
+        rows, image = [], 0
+        for count in (input_ids == self.config.image_token_id).sum(dim=1).tolist():
+            mine = []
+            while count > 0 and image < len(features):
+                mine.append(image)
+                count -= features[image]
+                image += 1
+            if count != 0:
+                break
+            rows.append(mine)
+        if len(rows) != input_ids.shape[0] or image != len(features):
+            raise ValueError(
+                f"The image tokens of `input_ids` (per row: {(input_ids == self.config.image_token_id).sum(1).tolist()}) "
+                f"do not split into whole images of `image_sizes`={sizes} (features per image: {features})."
+            )
+        return rows
+
     def _prefill_inputs(self, model_kwargs):
         """The block decoding loops pass these to the prompt's forward only."""
         return {name: model_kwargs[name] for name in IMAGE_INPUTS if model_kwargs.get(name) is not None}

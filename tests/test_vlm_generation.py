@@ -74,10 +74,11 @@ def _reference_diffusion(model, ids, pixels, sizes, new_tokens, block_size, thre
 
 
 def _generate(model, ids, pixels, sizes, mode, new_tokens=10, **kwargs):
+    kwargs.setdefault("do_sample", False)
     with torch.no_grad():
         out = model.generate(
-            ids, pixel_values=pixels, image_sizes=sizes, max_new_tokens=new_tokens, do_sample=False,
-            decode_mode=mode, block_size=4, pad_token_id=VLM_PAD_ID, **kwargs,
+            ids, pixel_values=pixels, image_sizes=sizes, max_new_tokens=new_tokens, decode_mode=mode, block_size=4,
+            pad_token_id=VLM_PAD_ID, **kwargs,
         )
     return out[:, ids.shape[1] :]
 
@@ -207,3 +208,30 @@ def test_text_only_prompts_work_without_images(model):
     ar = _generate(model, ids, None, None, "ar")
     for mode in ("linear_spec", "quadratic_spec"):
         assert _generate(model, ids, None, None, mode).tolist() == ar.tolist()
+
+
+def test_num_return_sequences_repeats_each_rows_own_images(model):
+    """Rows with 2, 1 and 0 images, each returned twice: every returned row is its source row's continuation."""
+    ids, mask, pixels, sizes, prompts, per_row, _ = _padded_batch()
+    expanded, kwargs = model._expand_inputs_for_generation(
+        expand_size=2, input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes
+    )
+    assert torch.equal(kwargs["pixel_values"], pixels[[0, 1, 0, 1, 2, 2]])
+    assert torch.equal(kwargs["image_sizes"], sizes[[0, 1, 0, 1, 2, 2]])
+    single = _generate(model, ids, pixels, sizes, "ar", attention_mask=mask, use_cache=True)
+    for mode in ("ar", "linear_spec"):
+        torch.manual_seed(0)
+        out = _generate(
+            model, ids, pixels, sizes, mode, attention_mask=mask, use_cache=True, num_return_sequences=2,
+            do_sample=True, top_k=1,  # sampling from the top token only: greedy, but allowed with several returns
+        )
+        for b in range(ids.shape[0]):
+            for k in range(2):
+                assert _strip(out[2 * b + k]) == _strip(single[b]), (mode, b, k)
+
+
+def test_image_tokens_that_do_not_split_into_images_are_a_clear_error(model):
+    pixels, sizes = random_pixels([(2, 2)])
+    ids = torch.tensor([image_prompt([(1, 3)])])  # 3 image tokens, an image of 4 features
+    with pytest.raises(ValueError, match=r"do not split into whole images"):
+        model._expand_inputs_for_generation(expand_size=2, input_ids=ids, pixel_values=pixels, image_sizes=sizes)
