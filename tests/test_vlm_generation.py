@@ -235,3 +235,12 @@ def test_image_tokens_that_do_not_split_into_images_are_a_clear_error(model):
     ids = torch.tensor([image_prompt([(1, 3)])])  # 3 image tokens, an image of 4 features
     with pytest.raises(ValueError, match=r"do not split into whole images"):
         model._expand_inputs_for_generation(expand_size=2, input_ids=ids, pixel_values=pixels, image_sizes=sizes)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_static_cache_with_images_gives_the_dynamic_cache_tokens(model, mode):
+    ids, mask, pixels, sizes, *_ = _padded_batch()
+    dynamic = _generate(model, ids, pixels, sizes, mode, attention_mask=mask, use_cache=True)
+    static = _generate(model, ids, pixels, sizes, mode, attention_mask=mask, use_cache=True,
+                       cache_implementation="static")
+    assert [_strip(r) for r in static] == [_strip(r) for r in dynamic]
