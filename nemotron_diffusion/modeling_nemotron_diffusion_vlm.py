@@ -26,6 +26,8 @@ from transformers.models.mistral3.modeling_mistral3 import Mistral3MultiModalPro
 from transformers.models.pixtral.modeling_pixtral import PixtralVisionModel
 
 from .configuration_nemotron_diffusion_vlm import NemotronDiffusionVLMConfig
+from .model_card import should_write as _should_write_card
+from .model_card_vlm import write_vlm_model_card
 from .modeling_nemotron_diffusion import (
     NemotronDiffusionForCausalLM,
     NemotronDiffusionModel,
@@ -198,11 +200,22 @@ class NemotronDiffusionVLMForConditionalGeneration(NemotronDiffusionForCausalLM)
             wrapped = PeftModel.from_pretrained(self, folder, adapter_name=adapter_name, config=config)
         return wrapped.base_model.model.eval()
 
-    def save_pretrained(self, save_directory, *args, model_card=False, **kwargs):
+    def save_pretrained(self, save_directory, *args, model_card=None, **kwargs):
         """As the text model's `save_pretrained` (NVIDIA's key names, this package's files as remote code), with an
-        `auto_map` for AutoConfig, AutoModel and AutoModelForImageTextToText. The text model's card describes
-        text-only usage, so no card is written unless asked for (`model_card=True` or a dict)."""
-        return super().save_pretrained(save_directory, *args, model_card=model_card, **kwargs)
+        `auto_map` for AutoConfig, AutoModel and AutoModelForImageTextToText, and the VLM's README.md model card
+        (`model_card_vlm.py`; its snippets need the processor saved in the same folder). model_card: `None` writes
+        it unless the folder has a README.md this package did not write; `True` always; a dict with `license`,
+        `base_model`, `tags`; `False` none."""
+        if not (model_card is None or isinstance(model_card, (bool, dict))):
+            raise ValueError(
+                f"save_pretrained: `model_card`={model_card!r} is invalid; allowed: None, True, False, a dict."
+            )
+        output = super().save_pretrained(save_directory, *args, model_card=False, **kwargs)
+        write_card = model_card is not False and kwargs.get("is_main_process", True) and not kwargs.get("push_to_hub")
+        if write_card and (model_card is not None or _should_write_card(save_directory)):
+            fields = model_card if isinstance(model_card, dict) else {}
+            write_vlm_model_card(save_directory, name_or_path=self.name_or_path, **fields)
+        return output
 
     def forward(
         self,
