@@ -51,8 +51,8 @@ class NemotronDiffusionVLMConfig(NemotronDiffusionConfig):
         The projector merges each `spatial_merge_size` x `spatial_merge_size` block of patches into one feature.
     projector_hidden_act (`str`, defaults to `"gelu"`), multimodal_projector_bias (`bool`, defaults to `False`):
         The projector's activation and whether its linear layers have biases.
-    vision_feature_layer (`int` or `list[int]`, defaults to -1):
-        Which tower layer(s) feed the projector (-1: the last layer's output).
+    vision_feature_layer (`int`, defaults to -1):
+        Which tower hidden state feeds the projector (-1: the last layer's output; 0: the patch embeddings).
     image_token_id (`int`, defaults to 19):
         `<|image_pad|>`: the positions whose embeddings are replaced by image features. Also read as
         `image_token_index`.
@@ -75,7 +75,7 @@ class NemotronDiffusionVLMConfig(NemotronDiffusionConfig):
     spatial_merge_size: int = 2
     projector_hidden_act: str = "gelu"
     multimodal_projector_bias: bool = False
-    vision_feature_layer: int | list[int] = -1
+    vision_feature_layer: int | list[int] = -1  # a list is refused (see validation)
     image_token_id: int = 19
     image_start_token_id: int = 18
     image_break_token_id: int = 20
@@ -142,13 +142,12 @@ class NemotronDiffusionVLMConfig(NemotronDiffusionConfig):
             bad("projector_hidden_act", self.projector_hidden_act, f"one of {sorted(ACT2FN)}")
         layers = vision.num_hidden_layers
         selected = self.vision_feature_layer
-        selected = [selected] if is_int(selected) else selected
-        if not selected or not all(is_int(i) and -(layers + 1) <= i <= layers for i in selected):
+        # One layer only: the projector's norm and merger are sized for one vision hidden state per patch.
+        if not is_int(selected) or not -(layers + 1) <= selected <= layers:
             bad(
                 "vision_feature_layer",
                 self.vision_feature_layer,
-                f"an index (or a non-empty list of indices) into the {layers + 1} hidden states, in "
-                f"[{-(layers + 1)}, {layers}]",
+                f"an index into the {layers + 1} hidden states of the tower, in [{-(layers + 1)}, {layers}]",
             )
         markers = {}
         for field in ("image_token_id", "image_start_token_id", "image_break_token_id", "image_end_token_id"):

@@ -134,7 +134,8 @@ class NemotronDiffusionVLMImageProcessor(BaseImageProcessor):
             except (OSError, UnidentifiedImageError) as err:
                 raise ValueError(f"`{name}`: cannot read an image from {len(image)} bytes: {err}") from None
         if isinstance(image, np.ndarray):
-            if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+            bad_channels = image.ndim == 3 and image.shape[2] not in (1, 3, 4)
+            if image.dtype != np.uint8 or image.ndim not in (2, 3) or bad_channels:
                 raise ValueError(
                     f"`{name}`: a numpy image must be uint8 of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got "
                     f"dtype {image.dtype} and shape {image.shape}."
@@ -229,11 +230,15 @@ def opencv_cubic_resize(pixels: torch.Tensor, height: int, width: int) -> torch.
     x = pixels.float()
     taps, weights = _cubic_taps(x.shape[-1], width)
     g = x[:, :, taps]  # [C, H, width, 4]
-    x = ((g[..., 0] * weights[:, 0] + g[..., 1] * weights[:, 1]) + g[..., 2] * weights[:, 2]) + g[..., 3] * weights[:, 3]
+    x = ((g[..., 0] * weights[:, 0] + g[..., 1] * weights[:, 1]) + g[..., 2] * weights[:, 2]) + (
+        g[..., 3] * weights[:, 3]
+    )
     taps, weights = _cubic_taps(x.shape[-2], height)
     g = x[:, taps, :]  # [C, height, 4, width]
     weights = weights[:, :, None]
-    return ((g[:, :, 0] * weights[:, 0] + g[:, :, 1] * weights[:, 1]) + g[:, :, 2] * weights[:, 2]) + g[:, :, 3] * weights[:, 3]
+    return ((g[:, :, 0] * weights[:, 0] + g[:, :, 1] * weights[:, 1]) + g[:, :, 2] * weights[:, 2]) + (
+        g[:, :, 3] * weights[:, 3]
+    )
 
 
 def _flatten(images):

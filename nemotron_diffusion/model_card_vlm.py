@@ -47,7 +47,8 @@ processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
 
 image = Image.new("RGB", (320, 240), "white")  # or Image.open("photo.jpg")
 ImageDraw.Draw(image).ellipse([80, 40, 240, 200], fill="red")
-messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is in this picture?"}}]}}]
+question = {{"type": "text", "text": "What is in this picture?"}}
+messages = [{{"role": "user", "content": [{{"type": "image"}}, question]}}]
 text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 inputs = processor(images=[image], text=text)
 inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -74,7 +75,8 @@ With the pipeline (generation fields go in `generate_kwargs`):
 from transformers import pipeline
 
 pipe = pipeline("image-text-to-text", model=model, processor=processor)
-chat = [{{"role": "user", "content": [{{"type": "image", "image": image}}, {{"type": "text", "text": "Describe it."}}]}}]
+describe = {{"type": "text", "text": "Describe it."}}
+chat = [{{"role": "user", "content": [{{"type": "image", "image": image}}, describe]}}]
 result = pipe(text=chat, max_new_tokens=64, return_full_text=False, generate_kwargs={{"decode_mode": "linear_spec"}})
 print("pipeline", result[0]["generated_text"])
 ```

@@ -58,7 +58,10 @@ def _projector_config(config: NemotronDiffusionVLMConfig) -> Mistral3Config:
 def _check_image_inputs(pixel_values, image_sizes, cell: int, patch: int):
     """Validates `pixel_values` [N, C, H, W] and `image_sizes` [N, 2]; returns image_sizes as a list of (h, w)."""
     if not isinstance(pixel_values, torch.Tensor):
-        raise TypeError(f"`pixel_values` must be a torch.Tensor [images, channels, height, width], got {type(pixel_values).__name__}.")
+        raise TypeError(
+            "`pixel_values` must be a torch.Tensor [images, channels, height, width], got "
+            f"{type(pixel_values).__name__}."
+        )
     if pixel_values.ndim != 4 or not pixel_values.is_floating_point():
         raise ValueError(
             f"`pixel_values` must be a 4-D floating-point tensor [images, channels, height, width], got shape "
@@ -112,11 +115,15 @@ class NemotronDiffusionVLMModel(NemotronDiffusionModel):
         sizes = _check_image_inputs(pixel_values, image_sizes, cell, patch)
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         sizes_tensor = torch.tensor(sizes, dtype=torch.long, device=pixel_values.device)
-        tower = self.vision_tower(pixel_values, image_sizes=sizes_tensor, output_hidden_states=True, return_dict=True)
-        if isinstance(layer, int):
-            selected = tower.hidden_states[layer]
+        last = self.config.vision_config.num_hidden_layers
+        if layer in (-1, last):  # the last layer's output: no need to keep every layer's (GBs at 8B size)
+            tower = self.vision_tower(pixel_values, image_sizes=sizes_tensor, return_dict=True)
+            selected = tower.last_hidden_state
         else:
-            selected = torch.cat([tower.hidden_states[i] for i in layer], dim=-1)
+            tower = self.vision_tower(
+                pixel_values, image_sizes=sizes_tensor, output_hidden_states=True, return_dict=True
+            )
+            selected = tower.hidden_states[layer]
         features = self.multi_modal_projector(selected.squeeze(0), sizes_tensor)
         per_image = [(h // cell) * (w // cell) for h, w in sizes]
         return BaseModelOutputWithPooling(
@@ -131,13 +138,14 @@ class NemotronDiffusionVLMModel(NemotronDiffusionModel):
             raise ValueError("`pixel_values` needs `input_ids` (the image-token positions), not `inputs_embeds`.")
         embeds = self.embed_tokens(input_ids)
         features = torch.cat(self.get_image_features(pixel_values, image_sizes).pooler_output, dim=0)
+        cell = self.config.vision_config.patch_size * self.config.spatial_merge_size
         slots = input_ids == self.config.image_token_id
         found = int(slots.sum())
         if found != features.shape[0]:
             raise ValueError(
                 f"`input_ids` hold {found} image tokens (id {self.config.image_token_id}) but `pixel_values` with "
                 f"`image_sizes`={[list(s) for s in torch.as_tensor(image_sizes).tolist()]} give {features.shape[0]} "
-                "image features: each image needs one token per 28x28 cell (use the processor to expand the images)."
+                f"image features: each image needs one token per {cell}x{cell} cell (the processor expands images)."
             )
         return embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
 
@@ -147,7 +155,8 @@ class NemotronDiffusionVLMModel(NemotronDiffusionModel):
             input_ids = None
         elif image_sizes is not None:
             raise ValueError("`image_sizes` was given without `pixel_values`.")
-        elif input_ids is not None and not torch.compiler.is_compiling():
+        elif input_ids is not None and input_ids.shape[1] > 1 and not torch.compiler.is_compiling():
+            # (one-token AR steps are skipped: the markers are never generated, and the check would sync the GPU)
             found = int((input_ids == self.config.image_token_id).sum())
             if found:
                 raise ValueError(
@@ -236,7 +245,9 @@ class NemotronDiffusionVLMForConditionalGeneration(NemotronDiffusionForCausalLM)
         [images, 3, H, W] and `image_sizes` [images, 2] (height, width in pixels), spliced at the image tokens.
         Images are read in order: the first image fills the first image tokens of the first row, and so on."""
         if labels is not None and pixel_values is not None:
-            raise ValueError("Training forwards (with `labels`) do not take `pixel_values`: not implemented for images.")
+            raise ValueError(
+                "Training forwards (with `labels`) do not take `pixel_values`: not implemented for images."
+            )
         if pixel_values is not None or image_sizes is not None:
             kwargs.update(pixel_values=pixel_values, image_sizes=image_sizes)
         return super().forward(
@@ -304,7 +315,8 @@ class NemotronDiffusionVLMForConditionalGeneration(NemotronDiffusionForCausalLM)
         sizes = torch.as_tensor(image_sizes).tolist() if image_sizes is not None else []
         features = [(int(h) // cell) * (int(w) // cell) for h, w in sizes]
         rows, image = [], 0
-        for count in (input_ids == self.config.image_token_id).sum(dim=1).tolist():
+        counts = (input_ids == self.config.image_token_id).sum(dim=1).tolist()
+        for count in counts:
             mine = []
             while count > 0 and image < len(features):
                 mine.append(image)
@@ -315,7 +327,7 @@ class NemotronDiffusionVLMForConditionalGeneration(NemotronDiffusionForCausalLM)
             rows.append(mine)
         if len(rows) != input_ids.shape[0] or image != len(features):
             raise ValueError(
-                f"The image tokens of `input_ids` (per row: {(input_ids == self.config.image_token_id).sum(1).tolist()}) "
+                f"The image tokens of `input_ids` (per row: {counts}) "
                 f"do not split into whole images of `image_sizes`={sizes} (features per image: {features})."
             )
         return rows

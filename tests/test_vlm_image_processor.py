@@ -254,7 +254,8 @@ def test_bad_input_is_a_clear_error(call, error, message):
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"max_image_size": 27}, "max_image_size"), ({"patch_size": 0}, "patch_size"), ({"image_std": [1, 0, 1]}, "image_std")],
+    [({"max_image_size": 27}, "max_image_size"), ({"patch_size": 0}, "patch_size"),
+     ({"image_std": [1, 0, 1]}, "image_std")],
 )
 def test_bad_settings_are_clear_errors(kwargs, field):
     with pytest.raises(ValueError, match=f"`{field}`"):

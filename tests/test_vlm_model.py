@@ -76,7 +76,7 @@ def test_config_round_trips_through_dict_and_auto_config(tmp_path):
         ({"spatial_merge_size": 0}, "spatial_merge_size"),
         ({"projector_hidden_act": "swish-ish"}, "projector_hidden_act"),
         ({"vision_feature_layer": 3}, "vision_feature_layer"),
-        ({"vision_feature_layer": []}, "vision_feature_layer"),
+        ({"vision_feature_layer": [1, -1]}, "vision_feature_layer"),
         ({"dlm_type": "dream"}, "dlm_type"),
         ({"mask_token_id": 128}, "mask_token_id"),  # the text validation still runs
     ],
@@ -163,7 +163,9 @@ def _mistral3_twin(model: NemotronDiffusionVLMForConditionalGeneration) -> Mistr
     }
     config = Mistral3Config(
         vision_config=c.vision_config.to_dict(),
-        text_config=dict(text, model_type="ministral3", rope_parameters=dict(c.rope_parameters), tie_word_embeddings=False),
+        text_config=dict(
+            text, model_type="ministral3", rope_parameters=dict(c.rope_parameters), tie_word_embeddings=False
+        ),
         image_token_index=c.image_token_id,
         spatial_merge_size=c.spatial_merge_size,
         projector_hidden_act=c.projector_hidden_act,
@@ -199,6 +201,20 @@ def test_tower_and_projector_equal_mistral3(grids):
     for (r, c), a, b in zip(grids, ours, theirs):
         assert a.shape == (r * c, model.config.hidden_size)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_another_vision_feature_layer_equals_mistral3():
+    # (Mistral3 itself fails on layer 0, which its hidden-state selection reads as "no hidden states".)
+    model = tiny_vlm(vision_feature_layer=-2)
+    twin = _mistral3_twin(model)
+    pixels, sizes = random_pixels([(2, 3), (1, 2)])
+    with torch.no_grad():
+        ours = model.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output
+        theirs = twin.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output
+        last = tiny_vlm().get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output
+    for a, b, c in zip(ours, theirs, last):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert not torch.allclose(a, c)
 
 
 def test_prefill_logits_equal_mistral3_with_ministral3_text_model():

@@ -65,7 +65,9 @@ def test_marker_tokens_must_exist_in_the_tokenizer():
 
 
 def test_another_placeholder_string():
-    proc = NemotronDiffusionVLMProcessor(NemotronDiffusionVLMImageProcessor(), vlm_tokenizer(), image_placeholder="<image>")
+    proc = NemotronDiffusionVLMProcessor(
+        NemotronDiffusionVLMImageProcessor(), vlm_tokenizer(), image_placeholder="<image>"
+    )
     out = proc(images=picture(28, 56), text="cat <image> dog", add_special_tokens=False)
     assert (out["input_ids"] == IMAGE_PAD).sum() == 2
 
