@@ -6,9 +6,19 @@ NVIDIA's published layout (`model_type: "nemotron_labs_diffusion"`) loads with t
 `trust_remote_code`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
 
 from .configuration_nemotron_diffusion import NemotronDiffusionConfig
+from .configuration_nemotron_diffusion_vlm import NemotronDiffusionVLMConfig
+from .image_processing_nemotron_diffusion_vlm import NemotronDiffusionVLMImageProcessor
+from .processing_nemotron_diffusion_vlm import NemotronDiffusionVLMProcessor
 from .generation_config_nemotron_diffusion import (
     DECODE_MODES,
     GENERATION_FIELDS,
@@ -23,6 +33,11 @@ from .modeling_nemotron_diffusion import (
     NemotronDiffusionPreTrainedModel,
     NemotronLabsDiffusionModel,
 )
+from .modeling_nemotron_diffusion_vlm import (
+    NemotronDiffusionVLMForConditionalGeneration,
+    NemotronDiffusionVLMModel,
+    NemotronLabsDiffusionVLMModel,
+)
 
 
 __version__ = "0.1.0"
@@ -30,6 +45,17 @@ __version__ = "0.1.0"
 AutoConfig.register(NemotronDiffusionConfig.model_type, NemotronDiffusionConfig, exist_ok=True)
 AutoModel.register(NemotronDiffusionConfig, NemotronDiffusionForCausalLM, exist_ok=True)
 AutoModelForCausalLM.register(NemotronDiffusionConfig, NemotronDiffusionForCausalLM, exist_ok=True)
+# The VLM (NVIDIA's `model_type: "nemotron_labs_diffusion_vlm"`): `AutoModel` gives the full model, as NVIDIA's
+# scripts expect.
+AutoConfig.register(NemotronDiffusionVLMConfig.model_type, NemotronDiffusionVLMConfig, exist_ok=True)
+AutoModel.register(NemotronDiffusionVLMConfig, NemotronDiffusionVLMForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(
+    NemotronDiffusionVLMConfig, NemotronDiffusionVLMForConditionalGeneration, exist_ok=True
+)
+AutoImageProcessor.register(
+    NemotronDiffusionVLMConfig, image_processor_classes={"pil": NemotronDiffusionVLMImageProcessor}, exist_ok=True
+)
+AutoProcessor.register(NemotronDiffusionVLMConfig, NemotronDiffusionVLMProcessor, exist_ok=True)
 
 __all__ = [
     "DECODE_MODES",
@@ -43,5 +69,11 @@ __all__ = [
     "NemotronDiffusionModel",
     "NemotronDiffusionPreTrainedModel",
     "NemotronLabsDiffusionModel",
+    "NemotronDiffusionVLMConfig",
+    "NemotronDiffusionVLMForConditionalGeneration",
+    "NemotronDiffusionVLMImageProcessor",
+    "NemotronDiffusionVLMModel",
+    "NemotronDiffusionVLMProcessor",
+    "NemotronLabsDiffusionVLMModel",
     "ThinkingBudgetLogitsProcessor",
 ]

@@ -233,6 +233,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             streamer=streamer,
             encoder_call=self._encoder_call(cache, generation_config),
             mask_length=cache.layers[0].max_cache_len if is_static_cache(cache) else None,
+            prefill_inputs=self._prefill_inputs(model_kwargs),
         )
         loop = {
             "diffusion": self._diffusion_decode,
@@ -317,15 +318,21 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         )
 
     # ---- shared steps ---------------------------------------------------------------------------------------
+    def _prefill_inputs(self, model_kwargs):
+        """Model inputs that only the prompt's forward takes (a VLM's `pixel_values`/`image_sizes`), picked from
+        `generate()`'s model kwargs; the block loops pass them to the prefill and to no other forward."""
+        return {}
+
     def _block_forward(self, rows, cache, input_ids, *, is_causal, update_cache=True, positions=None,
-                       attention_mask=None, mask_function=None, eager=False):
+                       attention_mask=None, mask_function=None, eager=False, extra_inputs=None):
         """Hidden states [live, K, H] of one backbone forward of `input_ids` [live, K] on top of the cache.
 
         By default the K tokens are a block at each row's next positions, seeing the row's real cache slots.
         `positions` / `attention_mask` ([live, K] / [live, S + K]) place them otherwise (the prompt, QuadraticSpec's
         bootstrap). `mask_function` is a custom attention pattern; it is turned into a mask here, outside the
         possibly compiled call (a closure would be a new graph input every cycle). `eager` runs the uncompiled
-        backbone, for forwards whose shapes change every call."""
+        backbone, for forwards whose shapes change every call. `extra_inputs` go to the backbone as they are (the
+        prefill's `Rows.prefill_inputs`)."""
         k = input_ids.shape[1]
         if positions is None:
             positions = rows.slots.positions(torch.arange(k, device=input_ids.device))
@@ -346,6 +353,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             use_cache=True,
             is_causal=is_causal,
             update_cache=update_cache,
+            **(extra_inputs or {}),
         )
         return out.last_hidden_state
 
@@ -371,7 +379,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         """One forward over the prompt that writes the cache; returns the last position's logits [live, V]."""
         hidden = self._block_forward(
             rows, cache, rows.prompt, is_causal=is_causal, positions=rows.slots.prompt_positions(),
-            attention_mask=rows.slots.slot_mask, eager=True,
+            attention_mask=rows.slots.slot_mask, eager=True, extra_inputs=rows.prefill_inputs,
         )
         rows.count_forward()
         return self._head(hidden[:, -1])
@@ -655,6 +663,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
                 rows, cache, input_ids, is_causal=False, positions=positions,
                 attention_mask=rows.slots.attention_mask(block_size),
                 mask_function=_bootstrap_mask_function(rows.prompt_length), eager=True,
+                extra_inputs=rows.prefill_inputs,
             )
         rewind_cache(cache, block_size)
         rows.count_forward()

@@ -339,6 +339,20 @@ class NemotronDiffusionForCausalLM(NemotronDiffusionPreTrainedModel, NemotronDif
     # The loss is a per-batch mean whose denominator (masked tokens) is not the Trainer's `num_items_in_batch`.
     accepts_loss_kwargs = False
     generation_config_class = NemotronDiffusionGenerationConfig
+    # Image inputs (`pixel_values`, `image_sizes`) are refused unless a subclass (the VLM) takes them.
+    _accepts_image_inputs = False
+
+    def _refuse_image_inputs(self, kwargs):
+        for name in ("pixel_values", "image_sizes"):
+            if not self._accepts_image_inputs and kwargs.get(name) is not None:
+                raise ValueError(
+                    f"`{name}` was given to {type(self).__name__}, a text-only model; load a VLM checkpoint "
+                    "(model_type 'nemotron_labs_diffusion_vlm') to use images."
+                )
+
+    def _validate_model_kwargs(self, model_kwargs):
+        self._refuse_image_inputs(model_kwargs)
+        super()._validate_model_kwargs(model_kwargs)
 
     def __init__(self, config: NemotronDiffusionConfig):
         super().__init__(config)
@@ -372,7 +386,12 @@ class NemotronDiffusionForCausalLM(NemotronDiffusionPreTrainedModel, NemotronDif
             raise ValueError(
                 f"save_pretrained: `model_card`={model_card!r} is invalid; allowed: None, True, False, a dict."
             )
+        auto_map = getattr(self.config, "auto_map", None)
         output = super().save_pretrained(save_directory, *args, **kwargs)
+        # transformers' remote-code export writes its auto_map into the model's own config: put it back as it was.
+        self.config.auto_map = auto_map
+        if auto_map is None:
+            del self.config.auto_map
         if kwargs.get("is_main_process", True):
             # Written after transformers' own files, from copies: the model's config and generation config are left
             # as they are. config.json gets the full `auto_map`; generation_config.json is written by our class
@@ -380,7 +399,7 @@ class NemotronDiffusionForCausalLM(NemotronDiffusionPreTrainedModel, NemotronDif
             config_path = os.path.join(save_directory, CONFIG_NAME)
             with open(config_path, encoding="utf-8") as f:
                 saved = json.load(f)
-            saved["auto_map"] = dict(_AUTO_MAP)
+            saved["auto_map"] = self._remote_code_auto_map()
             with open(config_path, "w", encoding="utf-8") as f:
                 f.write(json.dumps(saved, indent=2, sort_keys=True) + "\n")
             if self.generation_config is not None:
@@ -392,6 +411,10 @@ class NemotronDiffusionForCausalLM(NemotronDiffusionPreTrainedModel, NemotronDif
             fields = model_card if isinstance(model_card, dict) else {}
             write_model_card(save_directory, name_or_path=self.name_or_path, **fields)
         return output
+
+    def _remote_code_auto_map(self) -> dict:
+        """The `auto_map` that `save_pretrained` writes (a subclass with other Auto classes overrides it)."""
+        return dict(_AUTO_MAP)
 
     def get_input_embeddings(self):
         return self.encoder.embed_tokens
@@ -444,6 +467,7 @@ class NemotronDiffusionForCausalLM(NemotronDiffusionPreTrainedModel, NemotronDif
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("Pass the cache either as `cache` or as `past_key_values`, not both.")
         cache = cache if cache is not None else past_key_values
+        self._refuse_image_inputs(kwargs)
         if labels is not None:
             if cache is not None or mask_function is not None or not is_causal:
                 raise ValueError(

@@ -79,10 +79,11 @@ class RaggedSlots:
 class Rows:
     """The live batch of a block loop: emission (token by token, so the budget and the stopping criteria cut
     inside a block), streaming, forward counts and acceptance lengths per caller row, plus the ragged cache slots
-    (`slots`) and the backbone call of this generation (`encoder_call`, compiled for static caches on GPU)."""
+    (`slots`), the backbone call of this generation (`encoder_call`, compiled for static caches on GPU) and the
+    inputs only the prompt's forward takes (`prefill_inputs`, a VLM's images)."""
 
     def __init__(self, input_ids, attention_mask, max_new_tokens, pad_token_id, stopping_criteria, streamer,
-                 encoder_call, mask_length=None):
+                 encoder_call, mask_length=None, prefill_inputs=None):
         batch, prompt_length = input_ids.shape
         device = input_ids.device
         self.prompt = input_ids
@@ -100,6 +101,7 @@ class Rows:
             attention_mask = torch.ones_like(input_ids)
         self.slots = RaggedSlots(attention_mask, mask_length)
         self.encoder_call = encoder_call
+        self.prefill_inputs = dict(prefill_inputs or {})
         self.stopping_criteria = stopping_criteria
         self.streamer = streamer
         eos = [c.eos_token_id for c in stopping_criteria if isinstance(c, EosTokenCriteria)]

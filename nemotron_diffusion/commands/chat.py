@@ -14,10 +14,14 @@ from .common import (
     _UNSET,
     Settings,
     add_mode_arguments,
+    add_image_argument,
     add_model_arguments,
+    check_image_files,
     encode_prompt,
+    encode_prompt_with_images,
     format_stats,
     load_model,
+    load_processor,
     positive_int,
     temperature,
     threshold,
@@ -43,6 +47,7 @@ def add_arguments(parser):
     add_model_arguments(parser)
     add_mode_arguments(parser)
     parser.add_argument("--system", default=None, help="a system message that starts the conversation")
+    add_image_argument(parser)  # shown with the first user message, kept for the whole conversation
     parser.add_argument("--no-stream", dest="stream", action="store_false", help="print each reply when it is done")
     parser.add_argument("--stats", action="store_true", help="print stats after every reply (on stderr)")
 
@@ -52,8 +57,10 @@ def _note(text):
 
 
 class Chat:
-    def __init__(self, model, tokenizer, settings, system=None, stream=True, show_stats=False):
+    def __init__(self, model, tokenizer, settings, system=None, stream=True, show_stats=False, processor=None,
+                 images=()):
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.processor, self.images = processor, list(images)
         self.system, self.stream, self.show_stats = system, stream, show_stats
         self.history = []
         self.last_stats = None
@@ -127,7 +134,17 @@ class Chat:
         from transformers import TextStreamer
 
         self.history.append({"role": "user", "content": text})
-        inputs = {k: v.to(self.model.device) for k, v in encode_prompt(self.tokenizer, self.history).items()}
+        if self.images:
+            try:
+                encoded = encode_prompt_with_images(self.processor, self.history, self.images)
+            except UserError as error:
+                self.history.pop()
+                _note(f"error: {error}")
+                return
+            encoded["pixel_values"] = encoded["pixel_values"].to(self.model.dtype)
+        else:
+            encoded = encode_prompt(self.tokenizer, self.history)
+        inputs = {k: v.to(self.model.device) for k, v in encoded.items()}
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if self.stream else None
         start = time.perf_counter()
         try:
@@ -158,8 +175,10 @@ def run(args):
     settings = Settings.from_args(args)
     if settings.mode is not None:
         settings.check(settings.mode)
+    check_image_files(args.image)
     model, tokenizer = load_model(args)
-    if not getattr(tokenizer, "chat_template", None):
+    processor = load_processor(model, tokenizer) if args.image else None
+    if not getattr(processor or tokenizer, "chat_template", None):
         raise UserError(
             "the model's tokenizer has no chat template, which chat needs; use `nemotron-diffusion generate --raw`"
         )
@@ -167,7 +186,10 @@ def run(args):
         from transformers import set_seed
 
         set_seed(args.seed)
-    chat = Chat(model, tokenizer, settings, system=args.system, stream=args.stream, show_stats=args.stats)
+    chat = Chat(
+        model, tokenizer, settings, system=args.system, stream=args.stream, show_stats=args.stats,
+        processor=processor, images=args.image or (),
+    )
     settings.warn_ignored(settings.resolved_mode(model))
     interactive = sys.stdin.isatty()
     _note(f"chat ({settings.describe(model)}); /help lists the commands, /quit leaves")

@@ -73,6 +73,20 @@ def add_model_arguments(parser):
     )
 
 
+def add_image_argument(parser):
+    parser.add_argument(
+        "--image", action="append", default=None, metavar="PATH",
+        help="an image file for a vision-language model (repeat for several; they come before the prompt text)",
+    )
+
+
+def check_image_files(paths):
+    """Every `--image` is an existing file (checked before the model is loaded)."""
+    for path in paths or ():
+        if not os.path.isfile(path):
+            raise UserError(f"--image {path!r}: no such file")
+
+
 def add_mode_arguments(parser):
     parser.add_argument(
         "--mode", default=None, choices=DECODE_MODES,
@@ -235,7 +249,7 @@ def load_model(args):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .. import NemotronDiffusionConfig  # importing the package registers the model type
+    from .. import NemotronDiffusionConfig, NemotronDiffusionVLMConfig  # importing the package registers them
 
     path = resolve_model_path(args.model)
     dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -255,10 +269,19 @@ def load_model(args):
         config = AutoConfig.from_pretrained(path)
     except errors as error:
         raise UserError(f"cannot load --model {path!r}: {_one_line(error)}") from error
-    if config.model_type != NemotronDiffusionConfig.model_type:
+    types = (NemotronDiffusionConfig.model_type, NemotronDiffusionVLMConfig.model_type)
+    if config.model_type not in types:
         raise UserError(
             f"--model {path!r} is a {config.model_type!r} model, not a tri-mode nemotron-diffusion model "
-            f"(model_type {NemotronDiffusionConfig.model_type!r})"
+            f"(model_type {types[0]!r}, or {types[1]!r} for the vision-language model)"
+        )
+    auto_class = AutoModelForCausalLM
+    if config.model_type == NemotronDiffusionVLMConfig.model_type:
+        from transformers import AutoModelForImageTextToText as auto_class
+    if getattr(args, "image", None) and config.model_type != NemotronDiffusionVLMConfig.model_type:
+        raise UserError(
+            f"--image needs a vision-language model (model_type {NemotronDiffusionVLMConfig.model_type!r}); "
+            f"--model {path!r} is a text model"
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -266,7 +289,7 @@ def load_model(args):
         raise UserError(f"cannot load the tokenizer of --model {path!r}: {_one_line(error)}") from error
     try:
         placement = dict(device_map="auto") if device == "auto" else {}
-        model, loading = AutoModelForCausalLM.from_pretrained(
+        model, loading = auto_class.from_pretrained(
             path, dtype=dtype, output_loading_info=True, **placement
         )
     except SafetensorError as error:
@@ -316,6 +339,8 @@ def _attach_drafter(model, choice, path, demo):
             return model
         raise UserError(f"--drafter {choice!r} needs peft: pip install peft") from None
     try:
+        if hasattr(model, "load_drafter"):  # the VLM: the adapter goes to the language layers only
+            return model.load_drafter(folder)
         from ..demo import attach_drafter
 
         return attach_drafter(model, folder)
@@ -324,6 +349,63 @@ def _attach_drafter(model, choice, path, demo):
 
 
 # -------------------------------------------------------------------------------------------------- prompts
+def load_processor(model, tokenizer):
+    """The VLM processor of the model's folder (AutoProcessor), or one built from the tokenizer and the default
+    image processor when the folder has none (e.g. NVIDIA's)."""
+    from transformers import AutoProcessor
+
+    from .. import NemotronDiffusionVLMImageProcessor, NemotronDiffusionVLMProcessor
+
+    path = getattr(model, "name_or_path", None)
+    if path and os.path.isdir(path) and os.path.exists(os.path.join(path, "processor_config.json")):
+        try:
+            return AutoProcessor.from_pretrained(path)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise UserError(f"cannot load the processor of --model {path!r}: {_one_line(error)}") from error
+    try:
+        return NemotronDiffusionVLMProcessor(NemotronDiffusionVLMImageProcessor(), tokenizer)
+    except ValueError as error:
+        raise UserError(f"cannot build a processor for --model {path!r}: {_one_line(error)}") from error
+
+
+def with_images(messages, image_paths):
+    """The messages with the images as image parts before the text of the first user message."""
+    out, done = [], not image_paths
+    for message in messages:
+        if not done and message["role"] == "user":
+            parts = [{"type": "image", "path": p} for p in image_paths]
+            message = dict(message, content=parts + [{"type": "text", "text": message["content"]}])
+            done = True
+        out.append(message)
+    return out
+
+
+def encode_prompt_with_images(processor, messages_or_text, image_paths, raw=False):
+    """`input_ids`, `attention_mask`, `pixel_values` and `image_sizes` for a prompt (or a conversation) whose first
+    user message shows the images: the chat template with image parts (raw: one placeholder per image, then the
+    text), then the processor's expansion of each image."""
+    if isinstance(messages_or_text, str):
+        if raw:
+            text = processor.image_placeholder * len(image_paths) + messages_or_text
+            return _process(processor, image_paths, text, add_special_tokens=True)
+        messages_or_text = [{"role": "user", "content": messages_or_text}]
+    messages = with_images(messages_or_text, image_paths)
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return _process(processor, image_paths, text, add_special_tokens=False)
+
+
+def _process(processor, image_paths, text, **kwargs):
+    from ..image_processing_nemotron_diffusion_vlm import NemotronDiffusionVLMImageProcessor
+
+    images = []
+    for path in image_paths:
+        try:
+            images.append(NemotronDiffusionVLMImageProcessor.load_image(path))
+        except ValueError as error:
+            raise UserError(f"--image {path!r}: {_one_line(error).split(': ', 1)[-1]}") from error
+    return dict(processor(images=images, text=text, **kwargs))
+
+
 def encode_prompt(tokenizer, messages_or_text, raw=False):
     """`input_ids` and `attention_mask` [1, T]: the chat template with a generation prompt when the tokenizer has
     one (and `raw` is off), else the plain text."""
