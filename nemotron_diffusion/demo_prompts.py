@@ -142,10 +142,12 @@ def demo_prompts(tokenizer, split: str = "train", seed: int = 0, mix=(("code", 0
     total = sum(share for _, share in mix)
     if limit is None:
         limit = int(min(len(pools[s]) / (share / total) for s, share in mix if share > 0))
-    prompts = []
+    prompts, cumulative = [], 0.0
     for source, share in mix:
-        count = min(len(pools[source]), round(limit * share / total))
-        prompts += [{"input_ids": ids, "source": source} for ids in pools[source][:count]]
+        # Counts from rounded cumulative shares: they add up to `limit` (when the pools are large enough).
+        count = round(limit * (cumulative + share) / total) - round(limit * cumulative / total)
+        cumulative += share
+        prompts += [{"input_ids": ids, "source": source} for ids in pools[source][: min(count, len(pools[source]))]]
     rng.shuffle(prompts)
     return prompts[:limit]
 
