@@ -69,7 +69,9 @@ def run_mode(model, input_ids, mode, max_new_tokens, settings, repeats=2):
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
     if mode != "stock":
         kwargs.update(decode_mode=mode, return_dict_in_generate=True, **settings.get(mode, {}))
-    print(f"  {mode:<15} running ...", end="", flush=True, file=sys.stderr)
+    interactive = sys.stderr.isatty()
+    if interactive:
+        print(f"  {mode:<15} running ...", end="", flush=True, file=sys.stderr)
     best = None
     with torch.no_grad():
         model.generate(input_ids, **{**kwargs, "max_new_tokens": 4})  # warm-up
@@ -82,7 +84,8 @@ def run_mode(model, input_ids, mode, max_new_tokens, settings, repeats=2):
     out, seconds = best
     sequences = out if mode == "stock" else out.sequences
     new = sequences[0, input_ids.shape[1]:]
-    print(f"\r  {mode:<15} {len(new)} tokens in {seconds:.1f} s", file=sys.stderr, flush=True)
+    print(f"{chr(13) if interactive else ''}  {mode:<15} {len(new)} tokens in {seconds:.1f} s", file=sys.stderr,
+          flush=True)
     return new, None if mode == "stock" else int(out.num_forwards[0]), seconds
 
 

@@ -488,9 +488,12 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
 
     # ---- LinearSpec -----------------------------------------------------------------------------------------
     def _linear_spec_decode(self, rows, cache, logits_processor, generation_config, set_drafting):
-        """LinearSpec: per cycle one bidirectional draft forward over [seed, masks] (adapter on, cache read-only)
-        and one causal verify forward over [seed, drafts] (base weights, cache written), then acceptance, and the
-        cache rolled back to the seed plus the accepted drafts.
+        """LinearSpec. After the prefill emits the first AR token, each cycle:
+
+        1. drafts a block: a bidirectional forward over [seed, masks] (drafter on, cache read-only);
+        2. verifies it: a causal forward over [seed, drafts] (base weights, cache written);
+        3. accepts drafts against the verifier's tokens (greedy) or by rule R (sampling);
+        4. rolls the cache back to the seed plus the accepted drafts and emits them with the correction/bonus.
 
         With `confidence_threshold`, drafting takes several forwards; each fills the masked slots whose
         confidence reaches the threshold (at least one). Under sampling the slots are filled left to right (the
@@ -507,15 +510,19 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         while rows.size:
             block_size = min(config.block_size, int(rows.remaining().max()))
             seeds = rows.last_tokens()
+            # 1. draft
             drafts, draft_probs = self._draft_block(
                 rows, cache, seeds, block_size, logits_processor, config, set_drafting
             )
+            # 2. verify
             block = torch.cat([seeds[:, None], drafts], dim=1)
             logits = self._head(self._block_forward(rows, cache, block, is_causal=True, update_cache=True))
             rows.count_forward()
+            # 3. accept
             scores = process_block(logits_processor, rows, block[:, 1:], logits)
             accepted, emitted = speculative_accept(drafts, scores, draft_probs, config.do_sample)
-            kept = accepted + 1  # the seed and the accepted drafts are exact causal entries
+            # 4. keep the seed and the accepted drafts (exact causal entries), emit
+            kept = accepted + 1
             rewind_cache(cache, block_size - int(kept.max()))
             rows.slots.append(kept)
             n = rows.emit(emitted, accepted + 1)
@@ -592,7 +599,12 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         checked against row i's causal logits. The next draft is the accepted row's masks, whose first slot takes
         the AR token that follows the accepted prefix. Only the accepted draft tokens' K/V are kept in the cache.
         The first cycle is a bootstrap forward over [prompt, masks] that doubles as the prefill. Every forward
-        verifies, so all run with base weights (a drafter adapter is never enabled in this mode).
+        verifies, so its draft slots and the cache run with base weights; a drafter serving this mode
+        (`drafter_modes`) is applied at the mask slots only, which nothing verified attends to.
+
+        Per cycle: 1. build the chunk from the current draft; 2. one forward (verify + draft); 3. accept against
+        the draft rows' causal logits; 4. keep the accepted drafts' cache entries and emit; 5. the accepted row's
+        masks give the next draft.
         """
         config = generation_config
         mask_id = self.config.mask_token_id
