@@ -18,6 +18,7 @@ COMMANDS = {
     "convert": ".commands.convert",
     "train": ".commands.train",
     "bench": ".commands.bench",
+    "serve": ".commands.serve",
 }
 
 

@@ -201,8 +201,10 @@ def _first_line(error):
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def load_model(args):
-    """Model and tokenizer of `--model` (or the demo model) on `--device`, in eval mode."""
+def load_model(args, **from_pretrained_kwargs):
+    """Model and tokenizer of `--model` (or the demo model) on `--device`, in eval mode. `from_pretrained_kwargs`
+    (the server's `quantization_config`, `attn_implementation`) go to `from_pretrained`; a quantized model is placed
+    with `device_map`, since quantized weights cannot all be moved with `.to()`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -234,10 +236,13 @@ def load_model(args):
     except errors as error:
         raise UserError(f"cannot load the tokenizer of --model {path!r}: {_first_line(error)}") from error
     try:
+        kwargs = {k: v for k, v in from_pretrained_kwargs.items() if v is not None}
         if device == "auto":
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto")
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto", **kwargs)
+        elif "quantization_config" in kwargs:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(device), **kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
     except errors as error:
         raise UserError(f"cannot load --model {path!r}: {_first_line(error)}") from error
     model = _attach_drafter(model, getattr(args, "drafter", "none"), path, demo=args.model is None)
