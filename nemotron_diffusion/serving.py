@@ -347,6 +347,10 @@ class _TriModeHandlerMixin:
             value = body.get(field)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise _bad_request(f"`{field}`={value!r} is invalid; allowed: an int >= 1.")
+        temperature = body.get("temperature")
+        if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                        or temperature < 0):
+            raise _bad_request(f"`temperature`={temperature!r} is invalid; allowed: a number >= 0 (0 = greedy).")
         raw_config = body.get("generation_config")
         if raw_config is not None:
             try:
@@ -439,20 +443,31 @@ def build_app(model_manager):
 
 
 def serve(app, host, port, log_level="warning", on_listening=None):
-    """Runs `app` with uvicorn until SIGINT/SIGTERM. The socket is bound first, so that port 0 (any free port) can
-    be reported: `on_listening(host, port)` is called with the bound address before serving starts."""
+    """Runs `app` with uvicorn until SIGINT or SIGTERM, which shut it down gracefully (requests in flight are
+    answered first); then returns normally. The socket is bound first, so that port 0 (any free port) can be
+    reported: `on_listening(host, port)` is called with the bound address before serving starts."""
+    import signal
     import socket
 
     import uvicorn
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.create_server((host, port), family=family)
-    with contextlib.closing(sock):
-        bound_port = sock.getsockname()[1]
-        if on_listening is not None:
-            on_listening(host, bound_port)
-        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
-        server.run(sockets=[sock])
+    # After its graceful shutdown uvicorn raises the signal again under the handlers it found: with Python's
+    # defaults that is a KeyboardInterrupt (SIGINT) or death by signal (SIGTERM). The shutdown is done by then, so
+    # the handlers it finds here just note the signal.
+    stop_signals = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop_signals.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with contextlib.closing(sock):
+            if on_listening is not None:
+                on_listening(host, sock.getsockname()[1])
+            uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return stop_signals
 
 
 __all__ = [
