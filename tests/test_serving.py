@@ -134,17 +134,25 @@ def server(folder):
     assert status == 0 and "Traceback" not in server.stderr, server.stderr
 
 
-@pytest.fixture(scope="module")
-def reference(folder):
-    """The same model in this process, loaded directly (transformers + PEFT), for direct generate() calls."""
+def load_reference(folder, **from_pretrained_kwargs):
+    """The served model in this process, loaded directly (transformers + PEFT), for direct generate() calls."""
     from nemotron_diffusion.demo import attach_drafter
 
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **from_pretrained_kwargs).eval()
+    return attach_drafter(model, folder / "linear_spec_lora"), AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    model = attach_drafter(model, folder / "linear_spec_lora")
-    yield model, AutoTokenizer.from_pretrained(folder)
+    torch.set_num_threads(1)  # as the server (OMP_NUM_THREADS=1)
+    yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    return load_reference(folder)
 
 
 def direct(reference, endpoint, max_tokens=MAX_TOKENS, seed=None, **settings):
@@ -345,6 +353,31 @@ def test_bad_request_gets_4xx_and_the_next_request_is_unaffected(server, referen
     text, decoding = ask(client, "chat", stream=stream)
     assert (decoding["decode_mode"], decoding["block_size"]) == (DEFAULT_MODE["decode_mode"], DEFAULT_MODE["block_size"])
     assert text == direct(reference, "chat")[0]
+
+
+# ---------------------------------------------------------------------------------------------- quantized
+def test_torchao_int8_server_every_mode(folder):
+    """`--quantization torchao-int8`: every mode (streaming too) equals generate() of the same int8 model, and
+    self-speculation returns that model's AR text."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    reference = load_reference(folder, device_map="cpu", quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
+    server = Server("--model", folder, "--dtype", "float32", "--quantization", "torchao-int8",
+                    "--served-model-name", SERVED_NAME)
+    try:
+        client = server.client()
+        for mode, settings in MODE_SETTINGS.items():
+            for endpoint, stream in (("completions", False), ("chat", True)):
+                text, decoding = ask(client, endpoint, stream=stream, extra_body=settings)
+                assert text == direct(reference, endpoint, **settings)[0], (mode, endpoint)
+                assert decoding["decode_mode"] == mode
+        ar_text, _ = ask(client, "chat", max_tokens=16, extra_body={"decode_mode": "ar"})
+        for mode in ("linear_spec", "quadratic_spec"):
+            assert ask(client, "chat", max_tokens=16, extra_body={"decode_mode": mode, "block_size": 3})[0] == ar_text
+    finally:
+        assert server.stop() == 0, server.stderr
 
 
 # --------------------------------------------------------------------------------------- start-up / shutdown
