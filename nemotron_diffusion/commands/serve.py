@@ -44,7 +44,8 @@ def run(args):
     try:
         quantization = serving.quantization_config(args.quantization)
     except ImportError as error:
-        raise UserError(f"--quantization {args.quantization} needs a package that is missing: {error}") from None
+        hint = "pip install 'nemotron-diffusion[quant]'" if args.quantization == "torchao-int8" else "pip install bitsandbytes"
+        raise UserError(f"--quantization {args.quantization} needs a missing package ({error}): {hint}") from None
     served_name = args.served_model_name or args.model or "nemotron-diffusion-demo"
     # The model is loaded now (the manager preloads it), so a bad --model fails before the port is opened.
     manager = serving.TriModeModelManager(
@@ -54,8 +55,11 @@ def run(args):
     app = serving.build_app(manager)
 
     def announce(host, port):
+        import transformers
+
         print(
-            f"nemotron-diffusion serve: {served_name!r} on http://{host}:{port}/v1 (Ctrl-C stops)",
+            f"nemotron-diffusion serve: {served_name!r} on http://{host}:{port}/v1 "
+            f"(transformers {transformers.__version__}; Ctrl-C stops)",
             file=sys.stderr,
             flush=True,
         )
