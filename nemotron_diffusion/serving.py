@@ -137,13 +137,15 @@ class TriModeModelManager(ModelManager):
 
 # ---------------------------------------------------------------------------------------------- generation
 def decoding_stats(output, resolved_config):
-    """The `"decoding"` field of a response: the mode that ran and generate()'s forward counts for row 0."""
+    """The `"decoding"` field of a response: the mode that ran and generate()'s forward counts for row 0 (None
+    where transformers' own loops ran, e.g. AR beam search, which does not count forwards)."""
     mode = resolved_config.decode_mode
+    counted = getattr(output, "num_forwards", None) is not None
     stats = {
         "decode_mode": mode,
         "block_size": None if mode == "ar" else resolved_config.block_size,
-        "num_forwards": int(output.num_forwards[0]),
-        "tokens_per_forward": round(float(output.tokens_per_forward[0]), 4),
+        "num_forwards": int(output.num_forwards[0]) if counted else None,
+        "tokens_per_forward": round(float(output.tokens_per_forward[0]), 4) if counted else None,
     }
     if getattr(output, "acceptance_lengths", None) is not None:
         lengths = output.acceptance_lengths[0].tolist()
@@ -151,13 +153,15 @@ def decoding_stats(output, resolved_config):
     return stats
 
 
-def check_generation_config(model, generation_config):
+def check_generation_config(model, generation_config, streaming=False):
     """Runs the checks generate() makes before its first forward, without generating: the mode fields and their
-    combinations, transformers' own config validation, the generation mode the mode refuses (beams, ...), the
-    drafter adapter, and the logits processors (temperature, top-k, ...). Raises generate()'s ValueError."""
-    resolved, unused_kwargs = model._prepare_generation_config(copy.deepcopy(generation_config))
+    combinations, transformers' own config validation, the generation mode the mode refuses (beams, ...; beams with
+    a streamer in any mode), the drafter adapter, and the logits processors (temperature, top-k, ...). Raises
+    generate()'s ValueError."""
+    resolved, _ = model._prepare_generation_config(copy.deepcopy(generation_config))
     resolved.validate()
-    model._validate_generation_mode(resolved.get_generation_mode(), resolved, {})
+    mode_kwargs = {"streamer": None} if streaming else {}  # transformers checks for the key
+    model._validate_generation_mode(resolved.get_generation_mode(), resolved, mode_kwargs)
     with _adapters_for_drafting(model, resolved.drafter_adapter):
         pass
     model._prepare_special_tokens(resolved, kwargs_has_attention_mask=True, device=model.device)
@@ -201,12 +205,12 @@ class TriModeGenerateManager(GenerateManager):
             output = model.generate(**generate_kwargs, generation_config=config)
         return output, resolved
 
-    def check(self, model, generation_config):
+    def check(self, model, generation_config, streaming):
         """`check_generation_config` under the lock: the checks read state that a running generate() switches."""
         config = copy.deepcopy(generation_config)
         _take_request_seed(config)
         with self._lock:
-            return check_generation_config(model, config)
+            return check_generation_config(model, config, streaming)
 
     async def generate_non_streaming_with_stats(self, model, processor, inputs, gen_config, request_id):
         """transformers' `generate_non_streaming`, plus the `"decoding"` statistics."""
@@ -330,6 +334,8 @@ def _add_stats_to_last_chunk(sse_parts, recorder):
 class _TriModeHandlerMixin:
     """The mode fields and the pre-flight checks, for any of transformers' text handlers."""
 
+    streams_by_default = False  # what transformers' handler does when the body has no `stream`
+
     async def handle_request(self, body, request_id):
         body = dict(body)
         mode_fields = {name: body.pop(name) for name in MODE_FIELDS if name in body}
@@ -369,7 +375,8 @@ class _TriModeHandlerMixin:
             raise _bad_request(str(error)) from None
         manager = self.generation_state.get_manager(model_id)
         try:
-            await manager.async_submit(manager.check, model, generation_config)
+            streaming = bool(body.get("stream", self.streams_by_default))
+            await manager.async_submit(manager.check, model, generation_config, streaming)
         except (ValueError, TypeError) as error:
             raise _bad_request(str(error)) from None
 
@@ -424,6 +431,8 @@ class TriModeCompletionHandler(_StatsHandlerMixin, _TriModeHandlerMixin, Complet
 
 class TriModeResponseHandler(_TriModeHandlerMixin, ResponseHandler):
     """`/v1/responses`: the mode fields and checks (its event stream carries no `"decoding"` field)."""
+
+    streams_by_default = True
 
 
 # ------------------------------------------------------------------------------------------------ the app

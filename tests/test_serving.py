@@ -249,6 +249,17 @@ def test_responses_endpoint_takes_the_mode(server, reference, stream):
     assert text == direct(reference, "chat", **MODE_SETTINGS["diffusion"])[0]
 
 
+def test_ar_beam_search(server, reference):
+    """transformers' own loops still serve AR (beams: no forward counts); beams cannot stream, which is a 400."""
+    extra_body = {"decode_mode": "ar", "generation_config": json.dumps({"num_beams": 2})}
+    text, decoding = ask(server.client(), "completions", extra_body=extra_body)
+    assert text == direct(reference, "completions", decode_mode="ar", num_beams=2)[0]
+    assert decoding == {"decode_mode": "ar", "block_size": None, "num_forwards": None, "tokens_per_forward": None}
+    with pytest.raises(openai.BadRequestError) as raised:
+        ask(server.client(), "completions", stream=True, extra_body=extra_body)
+    assert "`streamer` cannot be used with beam search" in raised.value.body["detail"]
+
+
 def test_models_endpoint_lists_the_served_name(server):
     assert [m.id for m in server.client().models.list()] == [SERVED_NAME]
 
@@ -325,9 +336,12 @@ BAD_REQUESTS = {
                             ["`block_size`=1", ">= 2"]),
     "beams in diffusion": (dict(extra_body={"generation_config": json.dumps({"decode_mode": "diffusion",
                                                                              "num_beams": 2})}), 400,
-                           ["decode_mode='diffusion' does not support beam search", "decode_mode='ar'"]),
+                           ["beam search", "num_beams"]),  # streaming: transformers' streamer refusal first
     "causal_context off in spec": (dict(extra_body={"decode_mode": "linear_spec", "causal_context": False}), 400,
                                    ["`causal_context`=False", "only diffusion"]),
+    "beams in diffusion, top-level mode": (dict(extra_body={"decode_mode": "diffusion",
+                                                            "generation_config": json.dumps({"num_beams": 2})}),
+                                           400, ["beam search", "num_beams"]),
     "unknown adapter": (dict(extra_body={"decode_mode": "linear_spec", "drafter_adapter": "nope"}), 400,
                         ["drafter_adapter='nope'", "['drafter']"]),
     "unknown model": (dict(model="gpt-4"), 400, ["pinned to 'tiny-trimode'", "'gpt-4'"]),
