@@ -172,8 +172,9 @@ def main():
                        ar_prefix_agreement=round(agreement, 3), weight_mib=round(result["weight_bytes"] / 2**20, 1),
                        peak_rss_mib=round(result["peak_rss_bytes"] / 2**20))
             rows.append(row)
-            print(f"| {variant} | {mode} | {row['tok_s']} | {row['tokens_per_forward']} | {same} | "
-                  f"{row['ar_prefix_agreement'] if mode == 'ar' else ''} | {row['weight_mib']} | {row['peak_rss_mib']} |")
+            agreement_cell = row["ar_prefix_agreement"] if mode == "ar" else ""
+            print(f"| {variant} | {mode} | {row['tok_s']} | {row['tokens_per_forward']} | {same} | {agreement_cell} "
+                  f"| {row['weight_mib']} | {row['peak_rss_mib']} |")
     import torch
     import transformers
 

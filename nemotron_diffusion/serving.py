@@ -384,8 +384,8 @@ class _TriModeHandlerMixin:
         # transformers seeds torch's global generator here, long before the request runs; the seed is applied on
         # the inference thread instead, right before this request's generate().
         seed = body.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise ValueError(f"`seed`={seed!r} is invalid; allowed: an int.")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64):
+            raise ValueError(f"`seed`={seed!r} is invalid; allowed: an int in [0, 2**64).")
         config = super()._build_generation_config(
             {k: v for k, v in body.items() if k != "seed"}, model_generation_config, use_cb=use_cb
         )

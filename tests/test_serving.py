@@ -344,6 +344,7 @@ BAD_REQUESTS = {
                                            400, ["beam search", "num_beams"]),
     "unknown adapter": (dict(extra_body={"decode_mode": "linear_spec", "drafter_adapter": "nope"}), 400,
                         ["drafter_adapter='nope'", "['drafter']"]),
+    "seed out of range": (dict(seed=2**64, temperature=0.5), 400, ["`seed`=18446744073709551616", "[0, 2**64)"]),
     "unknown model": (dict(model="gpt-4"), 400, ["pinned to 'tiny-trimode'", "'gpt-4'"]),
     "unknown field": (dict(extra_body={"decode_mod": "ar"}), 422, ["decode_mod"]),
 }
@@ -365,7 +366,7 @@ def test_bad_request_gets_4xx_and_the_next_request_is_unaffected(server, referen
         assert needle in detail, (needle, message)
     # the next request decodes with the folder's defaults, as if the bad one had never been sent
     text, decoding = ask(client, "chat", stream=stream)
-    assert (decoding["decode_mode"], decoding["block_size"]) == (DEFAULT_MODE["decode_mode"], DEFAULT_MODE["block_size"])
+    assert {k: decoding[k] for k in DEFAULT_MODE} == DEFAULT_MODE
     assert text == direct(reference, "chat")[0]
 
 

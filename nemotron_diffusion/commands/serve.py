@@ -20,7 +20,8 @@ def add_arguments(parser):
         help="the `model` name clients send (default: --model as given, or 'nemotron-diffusion-demo')",
     )
     parser.add_argument(
-        "--quantization", default=None, choices=("torchao-int8", "bnb-8bit", "bnb-4bit"),  # serving.QUANTIZATION_METHODS
+        # the choices of serving.QUANTIZATION_METHODS, written out so that --help works without the serve extras
+        "--quantization", default=None, choices=("torchao-int8", "bnb-8bit", "bnb-4bit"),
         help="load the weights quantized with transformers' TorchAoConfig (int8 weight-only, CPU or GPU) or "
         "BitsAndBytesConfig (GPU)",
     )
@@ -38,13 +39,17 @@ def run(args):
     try:
         from .. import serving
     except ImportError as error:
-        raise UserError(f"serving needs transformers' serving extras: pip install 'nemotron-diffusion[serve]' ({error})")
+        raise UserError(
+            f"serving needs transformers' serving extras: pip install 'nemotron-diffusion[serve]' ({error})"
+        ) from None
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port} is not a port number (0-65535; 0 picks a free one)")
     try:
         quantization = serving.quantization_config(args.quantization)
     except ImportError as error:
-        hint = "pip install 'nemotron-diffusion[quant]'" if args.quantization == "torchao-int8" else "pip install bitsandbytes"
+        hint = "pip install 'nemotron-diffusion[quant]'"
+        if args.quantization.startswith("bnb"):
+            hint = "pip install bitsandbytes (GPU)"
         raise UserError(f"--quantization {args.quantization} needs a missing package ({error}): {hint}") from None
     served_name = args.served_model_name or args.model or "nemotron-diffusion-demo"
     # The model is loaded now (the manager preloads it), so a bad --model fails before the port is opened.
