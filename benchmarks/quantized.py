@@ -155,36 +155,52 @@ def main():
             print(child.stderr, file=sys.stderr)
             raise SystemExit(f"variant {variant} failed")
         runs[variant] = json.loads(child.stdout)
+        rows = write_results(args, runs)  # after every variant: a run cut short keeps what it measured
+    print_table(rows, "fp32" if "fp32" in runs else variants[0])
+    print(f"\nwrote {args.out}", file=sys.stderr)
 
-    reference_name = "fp32" if "fp32" in runs else variants[0]
+
+def table_rows(runs, reference_name):
+    """One row per variant and mode; AR agreement is measured against the AR tokens of `reference_name`."""
     reference = runs[reference_name]["ar"]["tokens"]
     rows = []
-    print(f"\n| variant | mode | tok/s | tokens / forward | = own AR | AR agreement with {reference_name} "
-          "| weights MiB | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|")
     for variant, result in runs.items():
         agreement = statistics.mean(prefix_agreement(t, r) for t, r in zip(result["ar"]["tokens"], reference))
         for mode in MODES:
             m = result[mode]
-            same = f"{sum(m['equals_own_ar'])}/{len(m['equals_own_ar'])}" if mode != "ar" else "-"
-            row = dict(variant=variant, mode=mode, tok_s=round(m["tok_s"], 2),
-                       tokens_per_forward=round(m["tokens_per_forward"], 3), equals_own_ar=same,
-                       ar_prefix_agreement=round(agreement, 3), weight_mib=round(result["weight_bytes"] / 2**20, 1),
-                       peak_rss_mib=round(result["peak_rss_bytes"] / 2**20))
-            rows.append(row)
-            agreement_cell = row["ar_prefix_agreement"] if mode == "ar" else ""
-            print(f"| {variant} | {mode} | {row['tok_s']} | {row['tokens_per_forward']} | {same} | {agreement_cell} "
-                  f"| {row['weight_mib']} | {row['peak_rss_mib']} |")
+            rows.append(dict(
+                variant=variant, mode=mode, tok_s=round(m["tok_s"], 2),
+                tokens_per_forward=round(m["tokens_per_forward"], 3),
+                equals_own_ar=f"{sum(m['equals_own_ar'])}/{len(m['equals_own_ar'])}" if mode != "ar" else "-",
+                ar_agreement=round(agreement, 3) if mode == "ar" else None,
+                weight_mib=round(result["weight_bytes"] / 2**20, 1),
+                peak_rss_mib=round(result["peak_rss_bytes"] / 2**20),
+            ))
+    return rows
+
+
+def print_table(rows, reference_name):
+    print(f"\n| variant | mode | tok/s | tokens / forward | = own AR | AR agreement with {reference_name} "
+          "| weights MiB | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        agreement = "" if r["ar_agreement"] is None else r["ar_agreement"]
+        print(f"| {r['variant']} | {r['mode']} | {r['tok_s']} | {r['tokens_per_forward']} | {r['equals_own_ar']} "
+              f"| {agreement} | {r['weight_mib']} | {r['peak_rss_mib']} |")
+
+
+def write_results(args, runs):
     import torch
     import transformers
 
+    rows = table_rows(runs, "fp32" if "fp32" in runs else next(iter(runs)))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    setup = {"model": args.model or "demo", "device": args.device, "threads": args.threads,
+             "new_tokens": args.new_tokens, "prompts": PROMPTS, "modes": MODES,
+             "torch": torch.__version__, "transformers": transformers.__version__}
     with open(args.out, "w") as f:
-        json.dump({"setup": {"model": args.model or "demo", "device": args.device, "threads": args.threads,
-                             "new_tokens": args.new_tokens, "prompts": PROMPTS, "modes": MODES,
-                             "torch": torch.__version__, "transformers": transformers.__version__},
-                   "rows": rows, "runs": runs}, f, indent=1)
-    print(f"\nwrote {args.out}", file=sys.stderr)
+        json.dump({"setup": setup, "rows": rows, "runs": runs}, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":
