@@ -104,7 +104,8 @@ def run_variant(args):
 
     generate(encoded[0], MODES["ar"])  # warm-up
     results, ar_tokens = {}, []
-    for mode, settings in MODES.items():
+    for mode in ["ar", *(m for m in args.modes.split(",") if m != "ar")]:  # AR first: the others compare to it
+        settings = MODES[mode]
         rates, per_forward, tokens = [], [], []
         for inputs in encoded:
             new, seconds, tpf = generate(inputs, settings)
@@ -130,6 +131,7 @@ def main():
     parser.add_argument("--drafter", default="auto", help="as `nemotron-diffusion serve --drafter` (default auto)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--variants", default="fp32,bf16,int8-fp32,int8-bf16")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"a subset of {','.join(MODES)}")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/quantized_cpu.json")
@@ -142,7 +144,11 @@ def main():
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown --variants {unknown}; allowed: {', '.join(VARIANTS)}")
+    unknown = [m for m in args.modes.split(",") if m not in MODES]
+    if unknown:
+        parser.error(f"unknown --modes {unknown}; allowed: {', '.join(MODES)}")
     child_args = ["--device", args.device, "--drafter", args.drafter, "--new-tokens", str(args.new_tokens),
+                  "--modes", args.modes,
                   "--threads", str(args.threads)] + (["--model", args.model] if args.model else [])
     runs = {}
     for variant in variants:
@@ -166,7 +172,7 @@ def table_rows(runs, reference_name):
     rows = []
     for variant, result in runs.items():
         agreement = statistics.mean(prefix_agreement(t, r) for t, r in zip(result["ar"]["tokens"], reference))
-        for mode in MODES:
+        for mode in (m for m in MODES if m in result):
             m = result[mode]
             rows.append(dict(
                 variant=variant, mode=mode, tok_s=round(m["tok_s"], 2),
