@@ -19,6 +19,7 @@ COMMANDS = {
     "convert": ".commands.convert",
     "train": ".commands.train",
     "bench": ".commands.bench",
+    "serve": ".commands.serve",
 }
 
 

@@ -244,8 +244,10 @@ def _refuse_incomplete_weights(path, loading):
         )
 
 
-def load_model(args):
-    """Model and tokenizer of `--model` (or the demo model) on `--device`, in eval mode."""
+def load_model(args, **from_pretrained_kwargs):
+    """Model and tokenizer of `--model` (or the demo model) on `--device`, in eval mode. `from_pretrained_kwargs`
+    (the server's `quantization_config`, `attn_implementation`) go to `from_pretrained`; a quantized model is placed
+    with `device_map`, since quantized weights cannot all be moved with `.to()`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -288,9 +290,15 @@ def load_model(args):
     except errors as error:
         raise UserError(f"cannot load the tokenizer of --model {path!r}: {_one_line(error)}") from error
     try:
-        placement = dict(device_map="auto") if device == "auto" else {}
+        kwargs = {k: v for k, v in from_pretrained_kwargs.items() if v is not None}
+        if device == "auto":
+            placement = dict(device_map="auto")
+        elif "quantization_config" in kwargs:  # quantized weights are placed while loading
+            placement = dict(device_map=str(device))
+        else:
+            placement = {}
         model, loading = auto_class.from_pretrained(
-            path, dtype=dtype, output_loading_info=True, **placement
+            path, dtype=dtype, output_loading_info=True, **placement, **kwargs
         )
     except SafetensorError as error:
         raise UserError(
@@ -300,7 +308,7 @@ def load_model(args):
     except errors as error:
         raise UserError(f"cannot load --model {path!r}: {_one_line(error)}") from error
     _refuse_incomplete_weights(path, loading)
-    if device != "auto":
+    if device != "auto" and "quantization_config" not in kwargs:
         model = model.to(device)
     model = _attach_drafter(model, getattr(args, "drafter", "none"), path, demo=args.model is None)
     return model.eval(), tokenizer
