@@ -20,6 +20,8 @@ MODEL_PATHS = ("path/to/Nemotron-Labs-Diffusion-8B", "path/to/folder")
 # Snippets that cannot run here, by a line they contain, with the reason.
 NOT_RUN = {
     'tp_plan="auto"': "tensor parallelism needs `torchrun` and several devices",
+    "from openai import OpenAI": "needs a running `nemotron-diffusion serve`; tests/test_serving.py makes the same "
+                                 "client calls against a real server",
 }
 # Names a snippet uses from the prose around it, defined before it runs.
 PRELUDES = {
@@ -57,7 +59,7 @@ def run_snippet(snippet, folder, tmp_path):
 
 def test_the_readme_has_the_snippets_this_test_knows():
     snippets = readme_snippets()
-    assert len(snippets) == 5
+    assert len(snippets) == 6
     assert "apply_chat_template" in snippets[0] and "return_dict=True" in snippets[0] and "**inputs" in snippets[0]
     assert sum(not runnable(s) for s in snippets) == len(NOT_RUN)
 
