@@ -112,7 +112,6 @@ def load_demo(drafter: bool = True, dtype=None, device=None):
     """(model, tokenizer) of the demo, with the drafter attached through PEFT as adapter "drafter" when asked.
 
     dtype: None picks `preferred_dtype(device)` (bfloat16 on CPUs with native bf16, float32 elsewhere)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import NemotronDiffusionForCausalLM  # noqa: F401  (registers the model type)

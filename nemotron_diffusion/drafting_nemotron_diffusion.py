@@ -70,7 +70,7 @@ def adapters_for_drafting(model, adapter_name, bypass=False):
             swaps.append((parent, name, wrapper, base, drafting_module or wrapper))
     # The decoding loops apply the LM head with the drafter off: only the backbone's layers need gating.
     backbone = set(getattr(model, "encoder", model).modules())
-    switch = _DraftingSwitch(states, swaps, adapter_name, backbone)
+    switch = _DraftingSwitch(states, swaps, backbone)
     try:
         switch(False)
         yield switch
@@ -115,9 +115,8 @@ def _layer_states(layer, disabled, active, adapter_name):
 class _DraftingSwitch:
     """`set_drafting(drafting, only_at=None)` of `adapters_for_drafting` (see there)."""
 
-    def __init__(self, states, swaps, adapter_name, backbone):
+    def __init__(self, states, swaps, backbone):
         self.states, self.swaps = states, swaps
-        self.drafter = adapter_name
         self.gates = []
         # Trainable-tokens layers computed sparsely while drafting: those embeddings can be limited to positions.
         self.sparse_token_layers = {

@@ -699,6 +699,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
 
 
 # ------------------------------------------------------------------------------------------ attention patterns
+@functools.lru_cache(maxsize=16)
 def _quadratic_chunk_pattern(block_size, device):
     """[Q, Q] bool, Q = B*(B+1): which chunk slot may attend to which. Row i of the layout is [d_i, mask x B]; d_i
     sees d_0..d_i (causal among draft tokens); a mask of row i sees d_0..d_i and every mask of its own row."""
