@@ -130,12 +130,16 @@ def load_demo(drafter: bool = True, dtype=None, device=None):
 DRAFTER_SETTINGS_FILE = "drafter_settings.json"
 
 
-def attach_drafter(model, folder, adapter_name: str = "drafter"):
+def attach_drafter(model, folder, adapter_name: str = "drafter", merged=None):
     """Attaches the PEFT LoRA drafter saved in `folder` as adapter `adapter_name` and returns the model itself (the
     LoRA layers stay inside it). The model's generation config then names it (`drafter_adapter`), and takes the
     `drafter_modes` of the folder's `drafter_settings.json` when it has one (the demo drafter serves LinearSpec
     drafts, diffusion's denoising forwards and QuadraticSpec's mask slots); generate() runs it in those forwards
-    only, every causal forward with the base weights."""
+    only, every causal forward with the base weights.
+
+    `merged`: keep merged draft weights (`model.enable_merged_drafter`: draft forwards at a base forward's cost, one
+    more copy of each adapted weight in memory); None takes the folder's `drafter_settings.json` ("merged_drafter",
+    true for the demo's 135M model), else off."""
     import json
     import warnings
 
@@ -147,9 +151,14 @@ def attach_drafter(model, folder, adapter_name: str = "drafter"):
     model = wrapped.base_model.model.eval()
     model.generation_config.drafter_adapter = adapter_name
     settings = Path(folder) / DRAFTER_SETTINGS_FILE
-    if settings.is_file():
-        model.generation_config.drafter_modes = list(json.loads(settings.read_text())["drafter_modes"])
+    settings = json.loads(settings.read_text()) if settings.is_file() else {}
+    if "drafter_modes" in settings:
+        model.generation_config.drafter_modes = list(settings["drafter_modes"])
         model.generation_config.validate_mode_fields()
+    if merged is None:
+        merged = bool(settings.get("merged_drafter", False))
+    if merged:
+        model.enable_merged_drafter(adapter_name)
     return model
 
 

@@ -38,7 +38,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
 from .cache_nemotron_diffusion import is_static_cache, keep_chunk_entries, rewind_cache
-from .drafting_nemotron_diffusion import adapters_for_drafting
+from .drafting_nemotron_diffusion import adapters_for_drafting, disable_merged_drafter, enable_merged_drafter
 from .generation_config_nemotron_diffusion import (
     DECODE_MODES,
     GENERATION_FIELDS,
@@ -193,6 +193,19 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             adapter = None  # an invalid value is named by the config's validation
         with _generation_lock(self), adapters_for_drafting(self, adapter):
             return super().generate(*args, **kwargs)
+
+    def enable_merged_drafter(self, adapter_name=None):
+        """Keeps merged draft weights (W + ΔW per LoRA linear of the drafter) so that draft forwards which apply
+        the drafter everywhere (LinearSpec, diffusion) cost a base forward, at the price of one more copy of each
+        adapted weight in memory. Causal forwards keep the base weights. See
+        `drafting_nemotron_diffusion.enable_merged_drafter`; returns the number of layers merged."""
+        with _generation_lock(self):
+            return enable_merged_drafter(self, adapter_name)
+
+    def disable_merged_drafter(self):
+        """Frees the weights kept by `enable_merged_drafter`."""
+        with _generation_lock(self):
+            disable_merged_drafter(self)
 
     def _sample(
         self,

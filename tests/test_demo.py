@@ -22,6 +22,9 @@ def test_shipped_drafter_adapter():
         card = f.read()
     for word in ("tokens", "acceptance", "standard library"):
         assert word in card
+    with open(os.path.join(folder, demo.DRAFTER_SETTINGS_FILE)) as f:
+        settings = json.load(f)
+    assert settings == {"drafter_modes": ["linear_spec", "diffusion", "quadratic_spec"], "merged_drafter": True}
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
@@ -46,7 +49,12 @@ def test_demo_self_speculation_equals_ar():
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     assert config["mask_token_id"] == 49152 and config["vocab_size"] == 49153 and config["tie_word_embeddings"]
-    model, tokenizer = demo.load_demo(drafter=True)
+    # float32: the dtype in which self-speculation is guaranteed to return the AR tokens (README, "lossless").
+    model, tokenizer = demo.load_demo(drafter=True, dtype=torch.float32)
+    # The shipped drafter_settings.json keeps merged draft weights: LinearSpec drafts run without PEFT's LoRA.
+    from nemotron_diffusion.drafting_nemotron_diffusion import MERGED_DRAFT_ATTRIBUTE
+
+    assert any(hasattr(m, MERGED_DRAFT_ATTRIBUTE) for m in model.modules())
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Write a Python function that adds two numbers."}],
                                          tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
@@ -55,7 +63,7 @@ def test_demo_self_speculation_equals_ar():
         ar = model.generate(ids, **kwargs).sequences
         linear = model.generate(ids, decode_mode="linear_spec", block_size=8, **kwargs)
         quadratic = model.generate(ids, decode_mode="quadratic_spec", block_size=8, **kwargs)
-        base, _ = demo.load_demo(drafter=False)
+        base, _ = demo.load_demo(drafter=False, dtype=torch.float32)
         undrafted = base.generate(ids, decode_mode="linear_spec", block_size=8, **kwargs)
     assert torch.equal(linear.sequences, ar) and torch.equal(quadratic.sequences, ar)
     assert torch.equal(undrafted.sequences, ar)

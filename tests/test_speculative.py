@@ -649,7 +649,8 @@ def lora_layers(model):
 def lora_state(model):
     """Each LoRA layer's switches, and the module tree itself (generate() takes the PEFT wrappers out of the call
     path while the drafter is off and must put every one of them back)."""
-    switches = [(layer._disable_adapters, list(layer.active_adapters), layer.merged) for layer in lora_layers(model)]
+    switches = [(layer._disable_adapters, list(layer.active_adapters), getattr(layer, "merged", False))
+                for layer in lora_layers(model)]
     return switches, [(name, id(module)) for name, module in model.named_modules()]
 
 
@@ -664,7 +665,7 @@ class ForwardLog:
             model.encoder.register_forward_hook(self._post),
         ]
         for layer in lora_layers(model):
-            for name, module in layer.lora_A.items():
+            for name, module in getattr(layer, "lora_A", {}).items():
                 self.handles.append(module.register_forward_hook(self._adapter_hook(name)))
 
     def _pre(self, module, args, kwargs):
@@ -950,3 +951,84 @@ def test_sparse_draft_embedding_changes_nothing(monkeypatch, do_sample):
     assert torch.equal(fast.sequences, peft_path.sequences)
     assert torch.equal(fast.acceptance_lengths, peft_path.acceptance_lengths)
     assert torch.equal(fast.num_forwards, peft_path.num_forwards)
+
+
+# ------------------------------------------------------------------------------------- merged draft weights
+def _draft_hiddens(model, ids, mask, mode, **kwargs):
+    """Hidden states of every draft forward (bidirectional, no custom mask) of one generate() call, the adapters
+    whose lora_A ran in them, and the output."""
+    log = ForwardLog(model)
+    try:
+        out = _gen(model, ids, mask, mode, **kwargs)
+    finally:
+        log.remove()
+    drafts = [c for c in log.calls if c["draft"]]
+    return [c["hidden"] for c in drafts], [c["ran"] for c in drafts], out
+
+
+@pytest.mark.parametrize("mode,extra", [("linear_spec", {}), ("linear_spec", {"confidence_threshold": 0.5}),
+                                        ("diffusion", {"confidence_threshold": 0.9})])
+def test_merged_drafter_computes_what_peft_computes(mode, extra):
+    """With merged draft weights, draft forwards run no LoRA module yet compute what PEFT's LoRA computes (float32,
+    to rounding): same tokens, forwards and acceptance as the PEFT path, and LinearSpec still equals AR."""
+    model = _mask_embedding_drafter()
+    model.generation_config.drafter_adapter = "drafter"
+    model.generation_config.drafter_modes = ["linear_spec", "diffusion", "quadratic_spec"]
+    ids, mask = random_batch(11, [6, 9, 4], 40)
+    kwargs = dict(max_new_tokens=20, block_size=5, eos_token_id=None, **extra)
+    peft_hidden, peft_ran, peft_out = _draft_hiddens(model, ids, mask, mode, **kwargs)
+    before = lora_state(model)
+    assert model.enable_merged_drafter() == len([m for m in lora_layers(model) if hasattr(m, "lora_A")])
+    try:
+        merged_hidden, merged_ran, merged_out = _draft_hiddens(model, ids, mask, mode, **kwargs)
+    finally:
+        model.disable_merged_drafter()
+    assert lora_state(model) == before  # every PEFT wrapper is back in place
+    assert all(ran == {"drafter"} for ran in peft_ran) and peft_ran
+    assert all(not ran for ran in merged_ran) and len(merged_ran) == len(peft_ran)
+    for a, b in zip(peft_hidden, merged_hidden):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert torch.equal(merged_out.sequences, peft_out.sequences)
+    assert torch.equal(merged_out.num_forwards, peft_out.num_forwards)
+    if mode == "linear_spec":
+        assert torch.equal(merged_out.acceptance_lengths, peft_out.acceptance_lengths)
+        ar = _gen(model, ids, mask, "ar", max_new_tokens=20, eos_token_id=None)
+        assert torch.equal(merged_out.sequences, ar.sequences)
+
+
+def test_merged_drafter_leaves_quadratic_spec_on_gated_lora():
+    """QuadraticSpec drafts at its mask slots only, which a merged weight cannot express: its forwards keep PEFT's
+    gated LoRA, and its output still equals AR."""
+    model = _mask_embedding_drafter()
+    model.generation_config.drafter_adapter = "drafter"
+    model.generation_config.drafter_modes = ["linear_spec", "quadratic_spec"]
+    ids, mask = random_batch(12, [7, 5], 40)
+    model.enable_merged_drafter()
+    log = ForwardLog(model)
+    try:
+        out = _gen(model, ids, mask, "quadratic_spec", max_new_tokens=18, block_size=4, eos_token_id=None)
+    finally:
+        log.remove()
+    assert any(c["ran"] == {"drafter"} for c in log.calls)
+    ar = _gen(model, ids, mask, "ar", max_new_tokens=18, eos_token_id=None)
+    assert torch.equal(out.sequences, ar.sequences)
+
+
+def test_merged_drafter_follows_changed_adapter_weights():
+    """A kept merged weight is recomputed when the adapter's weights change in place (an optimizer step)."""
+    model = _mask_embedding_drafter()
+    model.generation_config.drafter_adapter = "drafter"
+    ids, mask = random_batch(13, [6], 40)
+    kwargs = dict(max_new_tokens=8, block_size=4, eos_token_id=None)
+    model.enable_merged_drafter()
+    _draft_hiddens(model, ids, mask, "linear_spec", **kwargs)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(-2.0)
+    merged_hidden, _, _ = _draft_hiddens(model, ids, mask, "linear_spec", **kwargs)
+    model.disable_merged_drafter()
+    peft_hidden, _, _ = _draft_hiddens(model, ids, mask, "linear_spec", **kwargs)
+    for a, b in zip(peft_hidden, merged_hidden):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert not any(hasattr(m, "_nemotron_diffusion_merged_draft") for m in model.modules())
