@@ -69,9 +69,11 @@ def adapters_for_drafting(model, adapter_name, bypass=False):
             token_layer = getattr(wrapper, "token_adapter", None)
             drafting = states[token_layer][1] if token_layer in states else (True, None)
             drafting_module = None if drafting[0] else DraftTokenEmbedding.for_wrapper(wrapper, base, drafting[1])
+            gated_module = None
             if drafting_module is None and wrapper in states and not states[wrapper][1][0]:
                 drafting_module = MergedDraftLinear.for_wrapper(wrapper, base, states[wrapper][1][1])
-            swaps.append((parent, name, wrapper, base, drafting_module or wrapper))
+                gated_module = GatedDraftLoRALinear.for_wrapper(wrapper, base, states[wrapper][1][1])
+            swaps.append((parent, name, wrapper, base, drafting_module or wrapper, gated_module))
     # The decoding loops apply the LM head with the drafter off: only the backbone's layers need gating.
     backbone = set(getattr(model, "encoder", model).modules())
     switch = _DraftingSwitch(states, swaps, backbone)
@@ -125,9 +127,22 @@ class _DraftingSwitch:
         # Trainable-tokens layers computed sparsely while drafting: those embeddings can be limited to positions.
         self.sparse_token_layers = {
             getattr(wrapper, "token_adapter", None)
-            for _, _, wrapper, _, drafting_module in swaps
+            for _, _, wrapper, _, drafting_module, _ in swaps
             if isinstance(drafting_module, DraftTokenEmbedding)
         }
+        # LoRA layers whose gated drafting runs in our own module (no PEFT call, no hook).
+        self.gated_layers = {wrapper for _, _, wrapper, _, _, gated in swaps if gated is not None}
+        # The PEFT layers whose flags matter in each kind of forward: a layer inside a wrapper that is out of the
+        # call path (replaced by its base or by one of our modules) is never called, so its flags are left alone
+        # (setting ~200 module attributes twice a cycle costs a few ms on a CPU).
+        covered = {"off": set(), "full": set(), "gated": set()}
+        for _, _, wrapper, _, full_module, gated_module in swaps:
+            inner = {m for m in wrapper.modules() if m in states}
+            gated_in_use = full_module if isinstance(full_module, DraftTokenEmbedding) else gated_module
+            covered["off"] |= inner
+            covered["full"] |= inner if full_module is not wrapper else set()
+            covered["gated"] |= inner if gated_in_use not in (None, wrapper) else set()
+        self.flag_layers = {kind: [m for m in states if m not in layers] for kind, layers in covered.items()}
         self.can_gate = all(self._gateable(layer) for layer in states if layer in backbone)
 
     def _drafter_names(self, layer):
@@ -149,19 +164,24 @@ class _DraftingSwitch:
 
     def __call__(self, drafting, only_at=None):
         self.remove_gates()
-        for layer, (off, on) in self.states.items():
+        gating = drafting and only_at is not None
+        for layer in self.flag_layers["gated" if gating else "full" if drafting else "off"]:
+            off, on = self.states[layer]
             layer._disable_adapters, layer._active_adapter = on if drafting else off
-        for parent, name, wrapper, base, drafting_module in self.swaps:
-            if drafting and only_at is not None and isinstance(drafting_module, MergedDraftLinear):
-                drafting_module = wrapper  # merged weights cannot be limited to positions: LoRA with its gate
-            parent._modules[name] = drafting_module if drafting else base
-            if isinstance(drafting_module, DraftTokenEmbedding):
+        if gating and not self.can_gate:
+            raise ValueError("the drafter adapter has layers whose contribution cannot be limited to positions")
+        gate = only_at[..., None] if gating else None
+        for parent, name, wrapper, base, drafting_module, gated_module in self.swaps:
+            if gating and not isinstance(drafting_module, DraftTokenEmbedding):
+                # Merged weights cannot be limited to positions: the LoRA terms with their gate.
+                drafting_module = wrapper if gated_module is None else gated_module
+            if isinstance(drafting_module, (DraftTokenEmbedding, GatedDraftLoRALinear)):
                 drafting_module.only_at = only_at if drafting else None
-        if drafting and only_at is not None:
-            if not self.can_gate:
-                raise ValueError("the drafter adapter has layers whose contribution cannot be limited to positions")
-            gate = only_at[..., None]
+            parent._modules[name] = drafting_module if drafting else base
+        if gating:
             for layer in self.states:
+                if layer in self.gated_layers:
+                    continue
                 for n in self._drafter_names(layer):
                     if n in getattr(layer, "lora_A", {}):
                         self.gates.append(layer.lora_A[n].register_forward_hook(_gate_hook(gate)))
@@ -243,6 +263,45 @@ class DraftTokenEmbedding(nn.Module):
         if self.only_at is not None:
             use = use & self.only_at[..., None]
         return torch.where(use, trained, embeddings)
+
+
+class GatedDraftLoRALinear(nn.Module):
+    """A LoRA layer's drafting computation limited to positions, without PEFT's per-call work:
+    `base(x) + sum_a scale_a * B_a((A_a x) * only_at)`, in the adapter's dtype as PEFT computes it. `only_at` is a
+    [batch, query] bool tensor set by the drafting switch. (About 10% of a QuadraticSpec forward of the demo on a
+    CPU: PEFT's Python around 210 small LoRA calls plus a forward hook per layer.)"""
+
+    def __init__(self, base: nn.Linear, terms):
+        super().__init__()
+        self.base = base
+        self.terms = terms  # [(lora_A, lora_B, scaling)]
+        self.only_at = None
+
+    @classmethod
+    def for_wrapper(cls, wrapper, base, drafting_names):
+        """The module for a plain LoRA wrapper around an `nn.Linear` (no DoRA or other variant, no dropout in
+        effect) with drafting adapters `drafting_names`, else None (PEFT's layer with a gate hook serves it)."""
+        if type(base) is not nn.Linear or getattr(wrapper, "merged", False) or not hasattr(wrapper, "lora_A"):
+            return None
+        names = [n for n in _as_list(drafting_names) if n in wrapper.lora_A]
+        if not names or not MergedDraftLinear.mergeable(wrapper, base, names):
+            return None
+        for n in names:
+            dropout = wrapper.lora_dropout[n]
+            if not isinstance(dropout, nn.Identity) and (dropout.training and getattr(dropout, "p", 0) > 0):
+                return None
+        return cls(base, [(wrapper.lora_A[n], wrapper.lora_B[n], wrapper.scaling[n]) for n in names])
+
+    def forward(self, x):
+        base = self.base(x)
+        result = base
+        gate = None if self.only_at is None else self.only_at[..., None]
+        for lora_a, lora_b, scaling in self.terms:
+            h = lora_a(x.to(lora_a.weight.dtype))
+            if gate is not None:
+                h = h * gate.to(h.dtype)  # lora_B has no bias: a zero input removes the LoRA term there
+            result = result + lora_b(h) * scaling
+        return result.to(base.dtype)
 
 
 # ---------------------------------------------------------------------------------------- merged draft weights
@@ -347,6 +406,7 @@ class MergedDraftLinear(nn.Module):
 
 __all__ = [
     "DraftTokenEmbedding",
+    "GatedDraftLoRALinear",
     "MergedDraftLinear",
     "adapters_for_drafting",
     "disable_merged_drafter",

@@ -1032,3 +1032,35 @@ def test_merged_drafter_follows_changed_adapter_weights():
     for a, b in zip(peft_hidden, merged_hidden):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     assert not any(hasattr(m, "_nemotron_diffusion_merged_draft") for m in model.modules())
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_gated_draft_lora_equals_peft_with_gate_hooks(monkeypatch, do_sample):
+    """QuadraticSpec's mask-only drafting through `GatedDraftLoRALinear` computes what PEFT's LoRA layers with a
+    gate hook on lora_A compute: same forwards' hidden states, tokens, acceptance and forwards."""
+    from nemotron_diffusion import drafting_nemotron_diffusion as drafting
+
+    model = _mask_embedding_drafter()
+    model.generation_config.drafter_adapter = "drafter"
+    model.generation_config.drafter_modes = ["linear_spec", "quadratic_spec"]
+    ids, mask = random_batch(14, [6, 9, 4], 40)
+    kwargs = dict(max_new_tokens=20, block_size=4, eos_token_id=None, do_sample=do_sample, temperature=0.9)
+
+    def run():
+        log = ForwardLog(model)
+        torch.manual_seed(5)
+        try:
+            out = _gen(model, ids, mask, "quadratic_spec", **kwargs)
+        finally:
+            log.remove()
+        return [c["hidden"] for c in log.calls], out
+
+    ours_hidden, ours = run()
+    monkeypatch.setattr(drafting.GatedDraftLoRALinear, "for_wrapper", classmethod(lambda cls, *args: None))
+    peft_hidden, peft_out = run()
+    assert len(ours_hidden) == len(peft_hidden)
+    for a, b in zip(peft_hidden, ours_hidden):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ours.sequences, peft_out.sequences)
+    assert torch.equal(ours.acceptance_lengths, peft_out.acceptance_lengths)
+    assert torch.equal(ours.num_forwards, peft_out.num_forwards)
