@@ -1,6 +1,6 @@
 """Held-out measurement of the demo: speed of every decoding mode against stock transformers on the same weights.
 
-    python examples/demo_heldout.py [--prompts 12] [--max-new-tokens 96] [--configs ar,linear_spec:8,...]
+    python examples/demo_heldout.py [--prompts 12] [--max-new-tokens 96] [--configs ar,linear_spec:8,linear_spec:8:w3,...]
                                     [--dtype auto|bfloat16|float32] [--batch 4] [--drafter PATH|none]
                                     [--threads 1] [--time-limit S] [--out PREFIX]
 
@@ -37,20 +37,26 @@ from nemotron_diffusion.generation_config_nemotron_diffusion import DECODE_MODES
 from nemotron_diffusion.native_twin import native_twin
 from nemotron_diffusion.tooling import left_pad
 
-DEFAULT_CONFIGS = "ar,diffusion:8,linear_spec:4,linear_spec:8,quadratic_spec:3,quadratic_spec:4"
+DEFAULT_CONFIGS = "ar,diffusion:8,linear_spec:4,linear_spec:8,linear_spec:4:w3,linear_spec:8:w3,quadratic_spec:3,quadratic_spec:4"
 CONFIDENCE_THRESHOLD = 0.9  # diffusion mode
+TREE_SLOTS = 3  # linear_spec:B:wN verifies a tree of width N over the first 3 draft slots
 STOCK = "stock"
 
 
 def parse_configs(text):
-    """'ar,linear_spec:8' -> [("ar", None), ("linear_spec", 8)]; AR is always measured."""
+    """'ar,linear_spec:8,linear_spec:8:w3' -> [("ar", None, None), ("linear_spec", 8, None), ("linear_spec", 8, 3)]
+    (mode, block size, verify-tree width); AR is always measured."""
     configs = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
-        mode, _, size = item.partition(":")
+        mode, _, rest = item.partition(":")
+        size, _, width = rest.partition(":")
         if mode not in DECODE_MODES:
             raise SystemExit(f"--configs: mode {mode!r} is invalid; allowed: {', '.join(DECODE_MODES)}")
+        if width and (mode != "linear_spec" or not width.startswith("w") or not width[1:].isdigit()):
+            raise SystemExit(f"--configs: {item!r}: a tree width is written linear_spec:B:wN (N >= 2)")
+        width = int(width[1:]) if width else None
         if mode == "ar":
             size = None
         else:
@@ -60,22 +66,25 @@ def parse_configs(text):
                 raise SystemExit(f"--configs: block size {size!r} of {mode} is not an integer") from None
             if size < 2:
                 raise SystemExit(f"--configs: block size {size} of {mode} must be >= 2")
-        if (mode, size) not in configs:
-            configs.append((mode, size))
-    return [("ar", None)] + [c for c in configs if c[0] != "ar"]
+        if (mode, size, width) not in configs:
+            configs.append((mode, size, width))
+    return [("ar", None, None)] + [c for c in configs if c[0] != "ar"]
 
 
 def label(config):
-    mode, size = config
-    return mode if size is None else f"{mode} B={size}"
+    mode, size, width = config
+    text = mode if size is None else f"{mode} B={size}"
+    return text if width is None else f"{text} tree {width}x{TREE_SLOTS}"
 
 
 def generate_kwargs(config, max_new_tokens, eos):
-    mode, size = config
+    mode, size, width = config
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "decode_mode": mode,
               "return_dict_in_generate": True, "eos_token_id": eos}
     if size is not None:
         kwargs["block_size"] = size
+    if width is not None:
+        kwargs.update(tree_width=width, tree_slots=TREE_SLOTS)
     if mode == "diffusion":
         kwargs["confidence_threshold"] = CONFIDENCE_THRESHOLD
     return kwargs
@@ -175,7 +184,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=12)
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated mode or mode:block_size")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated mode, mode:block_size or linear_spec:block_size:wN (a verify tree of width N)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
     parser.add_argument("--batch", type=int, default=0, help="also measure left-padded batches of this many prompts")
     parser.add_argument("--drafter", default=None, help="adapter folder (default: the shipped one) or 'none'")

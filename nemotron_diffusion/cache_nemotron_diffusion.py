@@ -63,8 +63,12 @@ class ReadOnlyCache:
 
 
 def keep_chunk_entries(cache, chunk_length: int, keep: torch.Tensor) -> None:
-    """After a forward appended `chunk_length` entries, keep only chunk entries `keep` [K] (in that order) and
-    forget the others. QuadraticSpec keeps the exact causal K/V of its accepted draft tokens this way."""
+    """After a forward appended `chunk_length` entries, keep only chunk entries `keep` (in that order) and forget
+    the others: `keep` [K] for every row, or [batch, K] per row. QuadraticSpec keeps the exact causal K/V of its
+    accepted draft tokens this way, LinearSpec's verify tree those of each row's accepted path."""
+    if keep.dim() == 2:
+        _keep_row_entries(cache, chunk_length, keep)
+        return
     for layer in cache.layers:
         if not layer.is_initialized:
             continue
@@ -82,6 +86,24 @@ def keep_chunk_entries(cache, chunk_length: int, keep: torch.Tensor) -> None:
             start = layer.keys.shape[2] - chunk_length
             layer.keys = torch.cat([layer.keys[:, :, :start], layer.keys[:, :, start + keep]], dim=2)
             layer.values = torch.cat([layer.values[:, :, :start], layer.values[:, :, start + keep]], dim=2)
+
+
+def _keep_row_entries(cache, chunk_length: int, keep: torch.Tensor) -> None:
+    for layer in cache.layers:
+        if not layer.is_initialized:
+            continue
+        static = getattr(layer, "is_compileable", False)
+        start = (int(layer.cumulative_length) if static else layer.keys.shape[2]) - chunk_length
+        index = (start + keep)[:, None, :, None]
+        kept_keys = layer.keys.gather(2, index.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1]))
+        kept_values = layer.values.gather(2, index.expand(-1, layer.values.shape[1], -1, layer.values.shape[-1]))
+        if static:
+            layer.keys[:, :, start : start + keep.shape[1]] = kept_keys
+            layer.values[:, :, start : start + keep.shape[1]] = kept_values
+            layer.cumulative_length.sub_(chunk_length - keep.shape[1])
+        else:
+            layer.keys = torch.cat([layer.keys[:, :, :start], kept_keys], dim=2)
+            layer.values = torch.cat([layer.values[:, :, :start], kept_values], dim=2)
 
 
 def select_cache_rows(cache, index: torch.Tensor) -> None:

@@ -20,6 +20,8 @@ GENERATION_FIELDS = {
     "end_think_token_id": None,
     "drafter_adapter": None,
     "drafter_modes": ("linear_spec",),
+    "tree_width": None,
+    "tree_slots": 3,
 }
 PER_MODE_DEFAULTS = {
     "block_size": {"ar": 32, "diffusion": 32, "linear_spec": 32, "quadratic_spec": 16},
@@ -74,6 +76,14 @@ class NemotronDiffusionGenerationConfig(GenerationConfig):
             denoising forwards, QuadraticSpec's mask slots (its verify slots keep the base computation, so it stays
             lossless). Every causal forward runs without the drafter. NVIDIA's checkpoints keep the default (their
             base model was trained for diffusion); the SmolLM2 demo serves all three.
+        tree_width (`int` or `None`, *optional*):
+            LinearSpec, greedy: verify a tree instead of the chain of drafts: at each of the first `tree_slots` draft
+            slots the drafter's `tree_width - 1` runner-up tokens, each followed by the next slot's draft, in the
+            same verify forward (tree attention; every node is an exact causal query of its path, so the output is
+            still AR's). `None` or 1: the chain. Sampling (`do_sample=True`) verifies the chain.
+        tree_slots (`int`, *optional*, defaults to 3):
+            How many leading draft slots branch when `tree_width` > 1 (the verify forward carries
+            B + tree_slots * (tree_width - 1) * 2 tokens, about).
 
     A field that is not set anywhere is absent from the instance (not `None`, since `None` is a meaningful value of
     several fields): `generate()` reads each field from its keyword argument, else the `generation_config` passed to
@@ -153,6 +163,12 @@ class NemotronDiffusionGenerationConfig(GenerationConfig):
         adapter = getattr(self, "drafter_adapter", None)
         if adapter is not None and adapter is not False and not isinstance(adapter, str):
             bad("drafter_adapter", adapter, "an adapter name (str), False (no drafter) or None (every adapter)")
+        width = getattr(self, "tree_width", None)
+        if width is not None and (not _is_int(width) or width < 1):
+            bad("tree_width", width, "an int >= 1, or None (a chain)")
+        slots = getattr(self, "tree_slots", 3)
+        if not _is_int(slots) or slots < 1:
+            bad("tree_slots", slots, "an int >= 1")
         drafter_modes = getattr(self, "drafter_modes", ())
         if isinstance(drafter_modes, str) or not isinstance(drafter_modes, (list, tuple)) or any(
             m not in DRAFTING_MODES for m in drafter_modes

@@ -48,6 +48,7 @@ from .generation_config_nemotron_diffusion import (
 from .rows_nemotron_diffusion import Rows
 from .sampling_nemotron_diffusion import (
     PREFIX_FREE_PROCESSORS,
+    process_tree,
     ThinkingBudgetLogitsProcessor,
     contiguous_committed,
     exclude_token,
@@ -62,6 +63,7 @@ from .sampling_nemotron_diffusion import (
     without_infinite_temperature,
 )
 from .validation_nemotron_diffusion import validate_generate_inputs, validate_generation_settings
+from .verify_tree_nemotron_diffusion import verify_tree
 
 # Forward arguments that select an attention pattern: `generate` must never pass them to every forward.
 _FORBIDDEN_GENERATE_KWARGS = ("is_causal", "update_cache", "mask_function", "labels")
@@ -504,9 +506,11 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         """LinearSpec. After the prefill emits the first AR token, each cycle:
 
         1. drafts a block: a bidirectional forward over [seed, masks] (drafter on, cache read-only);
-        2. verifies it: a causal forward over [seed, drafts] (base weights, cache written);
+        2. verifies it: a causal forward over [seed, drafts] (base weights, cache written), or with `tree_width`
+           (greedy) over a verify tree: the chain plus the drafter's runner-ups at the first `tree_slots` slots
+           (`verify_tree_nemotron_diffusion`), each node attending to its own path only;
         3. accepts drafts against the verifier's tokens (greedy) or by rule R (sampling);
-        4. rolls the cache back to the seed plus the accepted drafts and emits them with the correction/bonus.
+        4. keeps the cache entries of the seed and the accepted drafts and emits them with the correction/bonus.
 
         With `confidence_threshold`, drafting takes several forwards; each fills the masked slots whose
         confidence reaches the threshold (at least one). Under sampling the slots are filled left to right (the
@@ -516,6 +520,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         """
         config = generation_config
         device = rows.prompt.device
+        tree_width = 1 if config.do_sample or config.tree_width is None else config.tree_width
         seed_logits = self._prefill_prompt(rows, cache)
         seeds = self._seed_from_logits(rows, seed_logits, logits_processor, config)
         rows.emit(seeds[:, None], torch.ones(rows.size, dtype=torch.long, device=device))
@@ -524,37 +529,51 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             block_size = min(config.block_size, int(rows.remaining().max()))
             seeds = rows.last_tokens()
             # 1. draft
-            drafts, draft_probs = self._draft_block(
-                rows, cache, seeds, block_size, logits_processor, config, set_drafting
+            drafts, draft_probs, runner_ups = self._draft_block(
+                rows, cache, seeds, block_size, logits_processor, config, set_drafting, runner_ups=tree_width - 1
             )
-            # 2. verify
-            block = torch.cat([seeds[:, None], drafts], dim=1)
-            logits = self._head(self._block_forward(rows, cache, block, is_causal=True, update_cache=True))
-            rows.count_forward()
-            # 3. accept
-            scores = process_block(logits_processor, rows, block[:, 1:], logits)
-            accepted, emitted = speculative_accept(drafts, scores, draft_probs, config.do_sample)
-            # 4. keep the seed and the accepted drafts (exact causal entries), emit
-            kept = accepted + 1
-            rewind_cache(cache, block_size - int(kept.max()))
+            if tree_width > 1 and drafts.shape[1]:
+                # 2. verify a tree, 3. accept its longest matching path, 4. keep that path's entries
+                tree = verify_tree(drafts.shape[1], tree_width, config.tree_slots, device)
+                tokens = tree.tokens(seeds, drafts, runner_ups)
+                hidden = self._block_forward(
+                    rows, cache, tokens, is_causal=False, positions=rows.slots.positions(tree.depth),
+                    mask_function=_chunk_mask_function(int(cache.get_seq_length()), tree.ancestors),
+                )
+                rows.count_forward()
+                scores = process_tree(logits_processor, rows, tokens, tree.ancestors, self._head(hidden))
+                path, kept, emitted = tree.accept_greedy(tokens, scores.argmax(dim=-1))
+                keep_chunk_entries(cache, tree.size, path)
+            else:
+                # 2. verify
+                block = torch.cat([seeds[:, None], drafts], dim=1)
+                logits = self._head(self._block_forward(rows, cache, block, is_causal=True, update_cache=True))
+                rows.count_forward()
+                # 3. accept
+                scores = process_block(logits_processor, rows, block[:, 1:], logits)
+                accepted, emitted = speculative_accept(drafts, scores, draft_probs, config.do_sample)
+                # 4. keep the seed and the accepted drafts (exact causal entries)
+                kept = accepted + 1
+                rewind_cache(cache, block_size - int(kept.max()))
             rows.slots.append(kept)
-            n = rows.emit(emitted, accepted + 1)
+            n = rows.emit(emitted, kept)  # the accepted drafts and the correction/bonus
             rows.record_cycle(n)
             rows.drop_finished(cache)
             rows.slots.compact(cache)
 
-    def _draft_block(self, rows, cache, seeds, block_size, logits_processor, config, set_drafting):
+    def _draft_block(self, rows, cache, seeds, block_size, logits_processor, config, set_drafting, runner_ups=0):
         """Drafts for the block slots 1..B-1 after each row's (already emitted) seed, from bidirectional forwards
         over the read-only cache with the drafter adapter on. Returns (drafts [live, B-1], q [live, B-1, V] or
-        None for deterministic drafts)."""
+        None for deterministic drafts, alternatives [live, B-1, runner_ups] or None): the alternatives are each
+        slot's next-best tokens after its draft (greedy), from the forward that committed the slot."""
         mask_id = self.config.mask_token_id
         device = seeds.device
         if block_size == 1:
-            return torch.empty(rows.size, 0, dtype=torch.long, device=device), None
+            return torch.empty(rows.size, 0, dtype=torch.long, device=device), None, None
         block = torch.full((rows.size, block_size), mask_id, dtype=torch.long, device=device)
         block[:, 0] = seeds
         masked = torch.ones(rows.size, block_size - 1, dtype=torch.bool, device=device)
-        threshold, draft_probs = config.confidence_threshold, None
+        threshold, draft_probs, alternatives = config.confidence_threshold, None, None
         while bool(masked.any()):
             with self._drafting(set_drafting):
                 hidden = self._block_forward(rows, cache, block, is_causal=False, update_cache=False)
@@ -568,15 +587,20 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
                     commit = left_to_right_commits(probs.max(dim=-1).values, masked, threshold)
                 draft_probs = probs if draft_probs is None else torch.where(commit[..., None], probs, draft_probs)
             else:
-                tokens = process_block(logits_processor, rows, block[:, 1:], logits).argmax(dim=-1)
+                scores = process_block(logits_processor, rows, block[:, 1:], logits)
+                tokens = scores.argmax(dim=-1)
                 if threshold is None:
                     commit = masked
                 else:
                     confidence = softmax_probs(logits).gather(-1, tokens[..., None])[..., 0]
                     commit = select_commits(torch.where(masked, confidence, -math.inf), masked, threshold)
+                if runner_ups:
+                    others = scores.scatter(-1, tokens[..., None], -math.inf).topk(runner_ups, dim=-1).indices
+                    alternatives = others if alternatives is None else torch.where(commit[..., None], others,
+                                                                                   alternatives)
             block[:, 1:] = torch.where(commit, tokens, block[:, 1:])
             masked = masked & ~commit
-        return block[:, 1:], draft_probs
+        return block[:, 1:], draft_probs, alternatives
 
     def _sample_drafts(self, rows, block, masked, logits, logits_processor, prefix_start):
         """Sampled drafts for the masked slots of block[:, 1:] (logits [live, B-1, V]).
@@ -726,8 +750,14 @@ def _quadratic_chunk_pattern(block_size, device):
 
 def _quadratic_mask_function(start, block_size, device):
     """Attention of the QuadraticSpec chunk (slots start.. of B rows x (B+1)): every query sees the whole cached
-    prefix; inside the chunk, the fixed pattern above (a table lookup, cheap to expand and compile-friendly)."""
-    pattern = _quadratic_chunk_pattern(block_size, torch.device(device))
+    prefix; inside the chunk, the fixed pattern above."""
+    return _chunk_mask_function(start, _quadratic_chunk_pattern(block_size, torch.device(device)))
+
+
+def _chunk_mask_function(start, pattern):
+    """Attention of a chunk written at cache slots start.. with the in-chunk pattern [Q, Q] (QuadraticSpec's rows,
+    a verify tree's ancestors): every query sees the whole cached prefix, and inside the chunk what the pattern
+    allows (a table lookup, cheap to expand and compile-friendly)."""
     last = pattern.shape[0] - 1
 
     def mask(batch_idx, head_idx, q_idx, kv_idx):

@@ -107,6 +107,28 @@ def process_block(logits_processor, rows, block_ids, logits, first=0):
     return out
 
 
+def process_tree(logits_processor, rows, tokens, ancestors, logits):
+    """Logits processors on the nodes of a verify tree, each with its exact prefix.
+
+    tokens: [B, N] node tokens, node 0 being the row's last emitted token (the seed); ancestors: [N, N] bool (node
+    n's path, n included, in node order = depth order); logits: [B, N, V]: node n's logits continue
+    `rows.sequences()[b]` followed by the tokens on n's path after the seed."""
+    if not len(logits_processor):
+        return logits
+    batch, n, vocab = logits.shape
+    if all(isinstance(p, PREFIX_FREE_PROCESSORS) for p in logits_processor):
+        return process_block(logits_processor, rows, tokens, logits)
+    paths = [ancestors[node, 1:].nonzero()[:, 0] + 1 for node in range(n)]
+    out = torch.empty_like(logits)
+    for b in range(batch):
+        sequence = rows.sequence(b)
+        row_processors = processors_for_row(logits_processor, int(rows.active[b]))
+        for node in range(n):
+            ids = torch.cat([sequence, tokens[b, paths[node]]])[None]
+            out[b, node] = row_processors(ids, logits[b, node][None].clone())[0]
+    return out
+
+
 # Processor attributes that hold one value per row of the batch `generate` was called with.
 _PER_ROW_STATE = {RepetitionPenaltyLogitsProcessor: ("prompt_ignore_length",)}
 

@@ -346,6 +346,9 @@ class DrafterOutput:
     slot_hits: torch.Tensor  # [B-1] correct drafts per slot (among valid blocks), first layout
     num_blocks: torch.Tensor
     accepted_by_layout: dict | None = None  # layout -> [num_blocks]
+    # [num_blocks, B-1] linear layout: rank of the verifier's greedy token among each slot's draft logits (0 = the
+    # draft itself); a large value where the slot is past the data or the data leaves the greedy path.
+    greedy_ranks: torch.Tensor | None = None
 
 
 def drafter_loss(model, batch, block_size: int, use_adapter: bool = True, temperature: float = 1.0,
@@ -384,7 +387,7 @@ def drafter_loss(model, batch, block_size: int, use_adapter: bool = True, temper
     block_valid = starts >= 0
 
     toggles = adapters_for_drafting(core, None) if use_adapter else contextlib.nullcontext(lambda on: None)
-    losses, kls, ces, counts, accepted, slot_hits = [], [], [], [], {}, None
+    losses, kls, ces, counts, accepted, slot_hits, greedy_ranks = [], [], [], [], {}, None, None
     with toggles as set_drafting:
         set_drafting(False)
         with torch.no_grad():
@@ -444,6 +447,10 @@ def drafter_loss(model, batch, block_size: int, use_adapter: bool = True, temper
                 # A draft is accepted by a greedy verifier iff it equals the greedy token; the run continues only
                 # while the data also follows the greedy path (always, on self-distilled sequences).
                 hit = (draft_logits.argmax(-1) == greedy) & (data_next == greedy) & valid
+                if layout == "linear":
+                    ranks = (draft_logits > draft_logits.gather(-1, greedy[..., None])).sum(-1)
+                    ranks = torch.where((data_next == greedy) & valid, ranks, torch.iinfo(torch.long).max)
+                    greedy_ranks = ranks[block_valid]
                 if layout == "quadratic":
                     hit = hit[..., 1:]  # QuadraticSpec replaces slot 0's guess by the verified token
                 run = torch.cumprod(hit.long(), dim=-1)
@@ -453,7 +460,26 @@ def drafter_loss(model, batch, block_size: int, use_adapter: bool = True, temper
                     slot_hits = (run * full).sum((0, 1)).float()
     loss = sum(losses) / len(losses)
     return DrafterOutput(loss, sum(kls) / len(kls), sum(ces) / len(ces), sum(counts), accepted[layouts[0][0]],
-                         slot_hits, block_valid.sum(), accepted)
+                         slot_hits, block_valid.sum(), accepted, greedy_ranks)
+
+
+def tree_accepted(ranks: torch.Tensor, width: int, slots: int) -> torch.Tensor:
+    """Accepted drafts per block [num_blocks] of a greedy verify tree (`verify_tree_nemotron_diffusion`),
+    teacher-forced, from `greedy_ranks` [num_blocks, D]: the chain while the rank is 0; where it stops at slot
+    f <= `slots` with the verifier's token among the drafter's top `width` there (rank < width), that sibling, and
+    the next slot's chain draft after it when its rank is 0 (a diffusion draft of slot f+1 does not depend on slot
+    f's token, and teacher forcing continues on the verifier's path). width 1 is the chain."""
+    hits = (ranks == 0).long()
+    chain = hits.cumprod(dim=1).sum(dim=1)
+    if width <= 1:
+        return chain
+    d = ranks.shape[1]
+    rows = torch.arange(ranks.shape[0], device=ranks.device)
+    at = chain.clamp(max=d - 1)
+    sibling = (chain < min(slots, d)) & (ranks[rows, at] < width)
+    after = (chain + 1).clamp(max=d - 1)
+    continuation = sibling & (chain + 1 < d) & (ranks[rows, after] == 0)
+    return chain + sibling.long() + continuation.long()
 
 
 # ======================================================================================================== trainer
@@ -517,11 +543,12 @@ def __getattr__(name):
 @torch.no_grad()
 def evaluate_model(model, dataset, target="drafter", block_size=16, batch_size=4, collator=None,
                    acceptance_dataset=None, acceptance_block_size=None, max_batches=None, seed=1234,
-                   layouts=("linear",)) -> dict:
+                   layouts=("linear",), tree_shapes=((3, 3),)) -> dict:
     """Held-out metrics: `loss` (diffusion loss: the model's for `full`, draft KL for `drafter`), `acceptance` and
     `tokens_per_cycle` (greedy LinearSpec, teacher-forced, on `acceptance_dataset` or `dataset`); with the
     `"quadratic"` layout also `quadratic_acceptance` and `quadratic_tokens_per_forward` (QuadraticSpec emits the
-    accepted guesses plus one verified token per forward)."""
+    accepted guesses plus one verified token per forward); `treeWxS_tokens_per_cycle` for each (width, slots) of
+    `tree_shapes`: LinearSpec's tokens per cycle with a verify tree of that shape (`tree_accepted`)."""
     core = unwrap_model(model)
     was_training = model.training
     model.eval()
@@ -543,7 +570,7 @@ def evaluate_model(model, dataset, target="drafter", block_size=16, batch_size=4
     accept_data = acceptance_dataset if acceptance_dataset is not None else dataset
     b = acceptance_block_size or block_size
     draft_collate = DrafterCollator(core.config.pad_token_id or 0, block_size=b, blocks_per_sequence=8, seed=seed)
-    accepted, kl_sum, kl_count = [], 0.0, 0
+    accepted, kl_sum, kl_count, ranks = [], 0.0, 0, []
     accepted_quadratic = []
     quadratic = [item for item in layouts if (item if isinstance(item, str) else item[0]) == "quadratic"]
     layouts = (("linear", b),) + tuple(quadratic)
@@ -554,6 +581,7 @@ def evaluate_model(model, dataset, target="drafter", block_size=16, batch_size=4
         records = [accept_data[j] for j in range(start, min(start + batch_size, len(accept_data)))]
         out = drafter_loss(model, draft_collate(records), b, use_adapter=(target == "drafter"), layouts=layouts)
         accepted.append(out.accepted_by_layout["linear"].cpu())
+        ranks.append(out.greedy_ranks.cpu())
         if "quadratic" in out.accepted_by_layout:
             accepted_quadratic.append(out.accepted_by_layout["quadratic"].cpu())
         kl_sum += float(out.kl) * int(out.num_targets)
@@ -567,6 +595,10 @@ def evaluate_model(model, dataset, target="drafter", block_size=16, batch_size=4
         if target == "drafter":
             metrics["loss"] = metrics["draft_kl"]
         metrics["slot1_accept_rate"] = float(slot_hits[0] / max(len(accepted), 1))
+        ranks = torch.cat(ranks)
+        for width, slots in tree_shapes:
+            tree = tree_accepted(ranks, width, slots).float()
+            metrics[f"tree{width}x{slots}_tokens_per_cycle"] = float(tree.mean()) + 1
     if accepted_quadratic:
         mean = float(torch.cat(accepted_quadratic).mean())
         metrics["quadratic_acceptance"] = mean

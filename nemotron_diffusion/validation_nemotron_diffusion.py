@@ -99,6 +99,7 @@ def validate_generate_inputs(input_ids, attention_mask, model_config):
 _MODE_ONLY_FIELDS = {
     "max_denoising_steps": (("diffusion",), "decode_mode='diffusion'"),
     "confidence_threshold": (("diffusion", "linear_spec", "quadratic_spec"), "the non-AR modes"),
+    "tree_width": (("linear_spec",), "decode_mode='linear_spec'"),
 }
 
 
@@ -129,6 +130,14 @@ def validate_generation_settings(generation_config, model_config):
                 UserWarning,
                 stacklevel=2,
             )
+    width = getattr(generation_config, "tree_width", None)
+    if mode == "linear_spec" and width is not None and width > 1 and generation_config.do_sample:
+        warnings.warn(
+            f"`tree_width`={width!r} is ignored with do_sample=True: a verify tree is accepted greedily, so sampling "
+            "verifies the chain of drafts.",
+            UserWarning,
+            stacklevel=2,
+        )
     if end_think is not None and getattr(generation_config, "max_thinking_tokens", None) is None:
         warnings.warn(
             f"`end_think_token_id`={end_think!r} is ignored: it applies only with `max_thinking_tokens` (the thinking "

@@ -93,6 +93,18 @@ def test_generate_every_mode(folder, capsys, mode):
         assert "tokens/cycle" in stats
 
 
+def test_generate_with_a_verify_tree(folder, capsys):
+    """--tree-width reaches generate() in linear_spec (same text as greedy AR), and is named as ignored elsewhere."""
+    model, tok = tiny_model(), word_tokenizer()
+    expected = reply(model, tok, "hello the sea", "linear_spec", block_size=4, do_sample=False, tree_width=3)
+    assert expected == reply(model, tok, "hello the sea", "ar", do_sample=False)
+    base = ("generate", "hello the sea", "-m", folder, "--block-size", 4, "--max-new-tokens", 8, "--tree-width", 3)
+    status, out, err = cli(capsys, *base, "--mode", "linear_spec")
+    assert status == 0 and out == expected + "\n", err
+    status, out, err = cli(capsys, *base, "--mode", "quadratic_spec")
+    assert status == 0 and "--tree-width 3 does not apply to --mode quadratic_spec; ignored" in err
+
+
 def test_generate_raw_threshold_sampling_and_stdin(folder, capsys, monkeypatch):
     model, tok = tiny_model(), word_tokenizer()
     status, out, _ = cli(capsys, "generate", "hello the sea", "-m", folder, "--raw", "--max-new-tokens", 8)

@@ -189,10 +189,12 @@ def check_counters(out, prompt_width, mode, max_new, block_size, threshold, eos)
     return new, cycles
 
 
-def assert_lossless(model, ids, mask, mode, max_new, block_size=None, threshold=None, eos=None, check=True, **kwargs):
+def assert_lossless(model, ids, mask, mode, max_new, block_size=None, threshold=None, eos=None, check=True,
+                    spec_only=None, **kwargs):
+    """`kwargs` go to both calls, `spec_only` (e.g. the verify tree's fields) to the speculative one."""
     eos_kw = dict(eos_token_id=eos)
     ar = generate(model, ids, mask, "ar", max_new_tokens=max_new, **eos_kw, **kwargs)
-    spec_kwargs = dict(max_new_tokens=max_new, **eos_kw, **kwargs)
+    spec_kwargs = dict(max_new_tokens=max_new, **eos_kw, **kwargs, **(spec_only or {}))
     if block_size is not None:
         spec_kwargs["block_size"] = block_size
     if threshold is not None:

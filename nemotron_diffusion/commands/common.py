@@ -98,6 +98,11 @@ def add_mode_arguments(parser):
         help="confidence_threshold in (0, 1], or 'none' (default: 0.9 in diffusion, none in the spec modes)",
     )
     parser.add_argument(
+        "--tree-width", type=positive_int, default=None, metavar="W",
+        help="linear_spec, greedy: verify the drafter's top W tokens at the first draft slots as a tree (default: "
+        "the model's generation config; 1 = the chain)",
+    )
+    parser.add_argument(
         "--temperature", type=temperature, default=None,
         help="0 = greedy; > 0 samples at this temperature (default: the model's generation config: greedy unless "
         "it sets do_sample)",
@@ -116,10 +121,12 @@ class Settings:
     threshold: object = _UNSET  # a float, None (explicitly none), or _UNSET
     temperature: float | None = None
     max_new_tokens: int = 256
+    tree_width: int | None = None
 
     @classmethod
     def from_args(cls, args):
-        return cls(args.mode, args.block_size, args.threshold, args.temperature, args.max_new_tokens)
+        return cls(args.mode, args.block_size, args.threshold, args.temperature, args.max_new_tokens,
+                   getattr(args, "tree_width", None))
 
     def resolved_mode(self, model=None):
         if self.mode is not None:
@@ -140,10 +147,11 @@ class Settings:
             )
 
     def ignored_flags(self, mode):
-        """The flags that are set but do not apply to `mode` (AR has no blocks and no confidence threshold)."""
+        """The flags that are set but do not apply to `mode` (AR has no blocks and no confidence threshold; only
+        LinearSpec verifies a tree)."""
+        flags = [f"--tree-width {self.tree_width}"] if self.tree_width is not None and mode != "linear_spec" else []
         if mode != "ar":
-            return []
-        flags = []
+            return flags
         if self.block_size is not None:
             flags.append(f"--block-size {self.block_size}")
         if self.threshold is not _UNSET:
@@ -165,6 +173,8 @@ class Settings:
             kwargs["block_size"] = self.block_size
         if self.threshold is not _UNSET and mode != "ar":
             kwargs["confidence_threshold"] = self.threshold
+        if self.tree_width is not None and mode == "linear_spec":
+            kwargs["tree_width"] = self.tree_width
         if self.temperature is not None:
             if self.temperature > 0:
                 kwargs.update(do_sample=True, temperature=self.temperature)
@@ -179,6 +189,8 @@ class Settings:
             parts.append(f"block_size={self.block_size}")
         if self.threshold is not _UNSET:
             parts.append(f"threshold={self.threshold}")
+        if self.tree_width is not None:
+            parts.append(f"tree_width={self.tree_width}")
         if self.temperature is not None:
             parts.append(f"temperature={self.temperature}")
         parts.append(f"max_new_tokens={self.max_new_tokens}")
