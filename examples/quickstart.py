@@ -31,10 +31,11 @@ from nemotron_diffusion import NemotronDiffusionConfig, NemotronDiffusionForCaus
 MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 PROMPT = "Write a Python function that reverses a string."
 # The demo drafter was trained with 8-slot LinearSpec blocks and 4-mask QuadraticSpec rows; QuadraticSpec's cost
-# grows with B * (B + 1) query tokens.
+# grows with B * (B + 1) query tokens. LinearSpec verifies a tree: the drafter's top 3 at the first 3 draft slots
+# (the fastest LinearSpec setting on the held-out prompts, benchmarks/results/demo_heldout_cpu_bf16.md).
 DEMO_SETTINGS = {
     "diffusion": {"block_size": 8, "confidence_threshold": 0.9},
-    "linear_spec": {"block_size": 8},
+    "linear_spec": {"block_size": 4, "tree_width": 3},
     "quadratic_spec": {"block_size": 4},
 }
 
@@ -140,10 +141,13 @@ def main(argv=None):
     for mode, (new, forwards, seconds) in results.items():
         rate = len(new) / seconds
         block = settings.get(mode, {}).get("block_size", "-")
+        if settings.get(mode, {}).get("tree_width"):
+            block = f"{block}+t{settings[mode]['tree_width']}"  # a verify tree of that width
         per_forward = f"{len(new) / max(forwards, 1):.2f}" if forwards is not None else "-"
         print(f"{mode:<16}{block:>6}{len(new):>11}{forwards if forwards is not None else '-':>10}{per_forward:>13}"
               f"{rate:>9.1f}{rate / stock_rate:>9.2f}x")
-    print("\n(stock: transformers' own generate() on the same weights and dtype; forwards include the prefill.)")
+    print("\n(stock: transformers' own generate() on the same weights and dtype; forwards include the prefill; "
+          "+tN: LinearSpec verifies a tree of the drafter's top N tokens.)")
 
     ar_tokens = results["ar"][0]
     differing = [mode for mode in ("linear_spec", "quadratic_spec") if not torch.equal(results[mode][0], ar_tokens)]
