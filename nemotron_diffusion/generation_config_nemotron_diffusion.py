@@ -184,6 +184,12 @@ class NemotronDiffusionGenerationConfig(GenerationConfig):
                 f"`end_think_token_id`={end!r} is invalid for decode_mode={mode!r}; allowed: a token id in "
                 f"[0, {model_config.vocab_size}) when max_thinking_tokens is set."
             )
+        width = getattr(self, "tree_width", None)
+        if mode == "linear_spec" and width is not None and width >= model_config.vocab_size:
+            raise ValueError(
+                f"`tree_width`={width!r} is invalid for decode_mode={mode!r}; allowed: an int below the vocabulary "
+                f"size ({model_config.vocab_size}), or None."
+            )
         # (the mask id as `end_think_token_id` is refused in every mode by `validate_generation_settings`)
 
     def to_diff_dict(self):

@@ -294,7 +294,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
 
     def _static_cache_for(self, input_ids, generation_config):
         """A StaticCache with room for the prompt, every new token and the largest chunk a loop writes past the
-        committed tokens (a verify block, or QuadraticSpec's B*(B+1) chunk). In a batch, rows that keep fewer
+        committed tokens (a verify block or tree, or QuadraticSpec's B*(B+1) chunk). In a batch, rows that keep fewer
         tokens leave holes until compaction (at most a quarter of the cache): the committed part gets 4/3 room."""
         batch = input_ids.shape[0]
         committed = generation_config.max_length  # prompt + new tokens
@@ -302,6 +302,9 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             committed = -(-4 * committed // 3)
         block = min(generation_config.block_size, generation_config.max_length - input_ids.shape[1])
         room = committed + block * (block + 1) + 2 * block
+        width = generation_config.tree_width or 1
+        if generation_config.decode_mode == "linear_spec" and width > 1:
+            room += 2 * (width - 1) * min(generation_config.tree_slots, block)  # a verify tree's siblings
         return StaticCache(config=self.config, max_cache_len=room)
 
     def _ar_decode(

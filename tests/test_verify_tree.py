@@ -148,11 +148,13 @@ def test_tree_with_processors_that_read_the_prefix(processors):
                     spec_only=dict(tree_width=3, tree_slots=3), **processors)
 
 
-def test_tree_with_a_static_cache():
+@pytest.mark.parametrize("block_size,width,slots", [(5, 3, 3), (3, 12, 2), (2, 9, 1)])
+def test_tree_with_a_static_cache(block_size, width, slots):
+    """A static cache has room for the widest tree (its siblings are written before the path is kept)."""
     model = pool()[6]
     ids, mask = random_batch(9, [4, 7], model.config.vocab_size)
-    assert_lossless(model, ids, mask, "linear_spec", 20, 5, eos=None, check=False,
-                    spec_only=dict(tree_width=3), cache_implementation="static")
+    assert_lossless(model, ids, mask, "linear_spec", 20, block_size, eos=None, check=False,
+                    spec_only=dict(tree_width=width, tree_slots=slots), cache_implementation="static")
 
 
 def test_tree_accepts_more_per_cycle_on_chain_models():
@@ -193,6 +195,15 @@ def test_bad_tree_fields_are_named(field, value, allowed):
     with pytest.raises(ValueError, match=rf"`{field}`={value!r} is invalid for decode_mode='linear_spec'; allowed: "
                                          rf"{allowed}"):
         generate(model, ids, mask, "linear_spec", max_new_tokens=4, **{field: value})
+
+
+def test_tree_wider_than_the_vocabulary_is_refused():
+    model = pool()[0]  # vocabulary of 16
+    ids, mask = random_batch(1, [3], model.config.vocab_size)
+    with pytest.raises(ValueError, match=r"`tree_width`=16 is invalid for decode_mode='linear_spec'; allowed: an int "
+                                         r"below the vocabulary size \(16\)"):
+        generate(model, ids, mask, "linear_spec", max_new_tokens=4, tree_width=16)
+    generate(model, ids, mask, "linear_spec", max_new_tokens=4, tree_width=15)
 
 
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "quadratic_spec"])
