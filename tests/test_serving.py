@@ -49,6 +49,7 @@ MODE_SETTINGS = {
     "ar": {"decode_mode": "ar"},
     "diffusion": {"decode_mode": "diffusion", "block_size": 4, "confidence_threshold": 0.5, "max_denoising_steps": 3},
     "linear_spec": {"decode_mode": "linear_spec", "block_size": 4, "drafter_adapter": "drafter"},
+    "linear_spec_tree": {"decode_mode": "linear_spec", "block_size": 4, "tree_width": 3, "tree_slots": 2},
     "quadratic_spec": {
         "decode_mode": "quadratic_spec", "block_size": 3, "max_thinking_tokens": 2, "end_think_token_id": 9,
     },
@@ -214,7 +215,7 @@ def test_every_mode_equals_direct_generate(server, reference, endpoint, stream, 
     assert (decoding["num_forwards"], decoding["tokens_per_forward"]) == (forwards, per_forward)
     if mode != "ar":
         assert decoding["block_size"] == settings["block_size"]
-    if mode in ("linear_spec", "quadratic_spec"):
+    if settings["decode_mode"] in ("linear_spec", "quadratic_spec"):
         assert decoding["acceptance_lengths"] == [n for n in out.acceptance_lengths[0].tolist() if n > 0]
 
 
@@ -342,6 +343,8 @@ BAD_REQUESTS = {
     "beams in diffusion, top-level mode": (dict(extra_body={"decode_mode": "diffusion",
                                                             "generation_config": json.dumps({"num_beams": 2})}),
                                            400, ["beam search", "num_beams"]),
+    "tree width 0": (dict(extra_body={"decode_mode": "linear_spec", "tree_width": 0}), 400,
+                     ["`tree_width`=0", "int >= 1, or None"]),
     "unknown adapter": (dict(extra_body={"decode_mode": "linear_spec", "drafter_adapter": "nope"}), 400,
                         ["drafter_adapter='nope'", "['drafter']"]),
     "seed out of range": (dict(seed=2**64, temperature=0.5), 400, ["`seed`=18446744073709551616", "[0, 2**64)"]),
