@@ -327,6 +327,15 @@ def enable_merged_drafter(model, adapter_name=None):
     quantized base); other layers keep PEFT's computation. Returns the number of layers kept merged."""
     if adapter_name is None:
         adapter_name = getattr(getattr(model, "generation_config", None), "drafter_adapter", None)
+    if isinstance(adapter_name, str):
+        known = set()
+        for module in model.modules():
+            known.update(getattr(module, "lora_A", None) or {})
+        if adapter_name not in known:
+            raise ValueError(
+                f"enable_merged_drafter: adapter_name={adapter_name!r} is not a LoRA adapter of this model; found "
+                f"{sorted(known)}."
+            )
     count = 0
     for module in model.modules():
         if not hasattr(module, "lora_A") or not hasattr(module, "get_delta_weight"):
