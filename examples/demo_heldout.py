@@ -1,6 +1,6 @@
 """Held-out measurement of the demo: speed of every decoding mode against stock transformers on the same weights.
 
-    python examples/demo_heldout.py [--prompts 12] [--max-new-tokens 96] [--configs ar,linear_spec:8,linear_spec:8:w3,...]
+    python examples/demo_heldout.py [--prompts 12] [--max-new-tokens 96] [--configs ar,linear_spec:8,linear_spec:8:w3]
                                     [--dtype auto|bfloat16|float32] [--batch 4] [--drafter PATH|none]
                                     [--threads 1] [--time-limit S] [--out PREFIX]
 
@@ -37,7 +37,8 @@ from nemotron_diffusion.generation_config_nemotron_diffusion import DECODE_MODES
 from nemotron_diffusion.native_twin import native_twin
 from nemotron_diffusion.tooling import left_pad
 
-DEFAULT_CONFIGS = "ar,diffusion:8,linear_spec:4,linear_spec:8,linear_spec:4:w3,linear_spec:8:w3,quadratic_spec:3,quadratic_spec:4"
+DEFAULT_CONFIGS = ("ar,diffusion:4,diffusion:8,linear_spec:4,linear_spec:8,linear_spec:3:w3,linear_spec:4:w3,"
+                   "linear_spec:8:w3,quadratic_spec:3,quadratic_spec:4")
 CONFIDENCE_THRESHOLD = 0.9  # diffusion mode
 TREE_SLOTS = 3  # linear_spec:B:wN verifies a tree of width N over the first 3 draft slots
 STOCK = "stock"
@@ -184,7 +185,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=12)
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated mode, mode:block_size or linear_spec:block_size:wN (a verify tree of width N)")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS,
+                        help="comma-separated mode, mode:block_size or linear_spec:block_size:wN (a tree of width N)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
     parser.add_argument("--batch", type=int, default=0, help="also measure left-padded batches of this many prompts")
     parser.add_argument("--drafter", default=None, help="adapter folder (default: the shipped one) or 'none'")

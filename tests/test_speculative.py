@@ -1070,7 +1070,8 @@ def test_gated_draft_lora_equals_peft_with_gate_hooks(monkeypatch, do_sample):
 
 def test_merged_drafter_of_an_unknown_adapter_is_refused():
     model = _mask_embedding_drafter()
-    with pytest.raises(ValueError, match=r"adapter_name='nope' is not a LoRA adapter of this model; found \['drafter'\]"):
+    with pytest.raises(ValueError, match=r"adapter_name='nope' is not a LoRA adapter of this model; found "
+                                         r"\['drafter'\]"):
         model.enable_merged_drafter("nope")
     assert model.enable_merged_drafter("drafter") > 0
     model.disable_merged_drafter()
