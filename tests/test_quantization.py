@@ -14,12 +14,7 @@ from conftest import left_pad, random_prompt, tiny_model  # noqa: E402
 from tiny_tokenizer import save_tiny_folder  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one torch thread for this module
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,8 @@ from conftest import tiny_model  # noqa: E402
 from tiny_tokenizer import save_tiny_folder  # noqa: E402
 
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one torch thread for this module
+
 ROOT = Path(__file__).resolve().parents[1]
 SERVED_NAME = "tiny-trimode"
 PROMPT = "once upon a time the sea"
@@ -141,14 +143,6 @@ def load_reference(folder, **from_pretrained_kwargs):
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **from_pretrained_kwargs).eval()
     return attach_drafter(model, folder / "linear_spec_lora"), AutoTokenizer.from_pretrained(folder)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the server (OMP_NUM_THREADS=1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -30,12 +30,7 @@ from nemotron_diffusion.sampling_nemotron_diffusion import left_to_right_commits
 P_MIN = 0.01
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one torch thread for this module
 
 
 def chi_square(observed: Counter, exact: dict, label=""):

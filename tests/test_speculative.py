@@ -23,13 +23,7 @@ from conftest import left_pad, tiny_model
 SPEC_MODES = ("linear_spec", "quadratic_spec")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models are dominated by per-op overhead; one intra-op thread is several times faster on 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one torch thread for this module
 
 
 # ---------------------------------------------------------------------------------------------------- models

@@ -10,10 +10,9 @@ from transformers import DynamicCache, StaticCache
 
 from nemotron_diffusion.cache_nemotron_diffusion import keep_chunk_entries
 from nemotron_diffusion.verify_tree_nemotron_diffusion import verify_tree
-from test_speculative import (  # noqa: F401  (the module fixture keeps one thread)
+from test_speculative import (
     _HYPOTHESIS,
     _POOL_SPECS,
-    _single_thread,
     assert_lossless,
     chain_model,
     cycles_of,
@@ -21,6 +20,8 @@ from test_speculative import (  # noqa: F401  (the module fixture keeps one thre
     pool,
     random_batch,
 )
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one torch thread for this module
 
 
 # ------------------------------------------------------------------------------------------------ layout
