@@ -65,45 +65,27 @@ class ReadOnlyCache:
 def keep_chunk_entries(cache, chunk_length: int, keep: torch.Tensor) -> None:
     """After a forward appended `chunk_length` entries, keep only chunk entries `keep` (in that order) and forget
     the others: `keep` [K] for every row, or [batch, K] per row. QuadraticSpec keeps the exact causal K/V of its
-    accepted draft tokens this way, LinearSpec's verify tree those of each row's accepted path."""
-    if keep.dim() == 2:
-        _keep_row_entries(cache, chunk_length, keep)
-        return
-    for layer in cache.layers:
-        if not layer.is_initialized:
-            continue
-        if getattr(layer, "is_compileable", False):
-            end = layer.cumulative_length
-            start = end - chunk_length
-            source = start + keep
-            kept_keys = layer.keys.index_select(2, source)
-            kept_values = layer.values.index_select(2, source)
-            target = start + torch.arange(keep.numel(), device=keep.device)
-            layer.keys.index_copy_(2, target, kept_keys)
-            layer.values.index_copy_(2, target, kept_values)
-            layer.cumulative_length.sub_(chunk_length - keep.numel())
-        else:
-            start = layer.keys.shape[2] - chunk_length
-            layer.keys = torch.cat([layer.keys[:, :, :start], layer.keys[:, :, start + keep]], dim=2)
-            layer.values = torch.cat([layer.values[:, :, :start], layer.values[:, :, start + keep]], dim=2)
-
-
-def _keep_row_entries(cache, chunk_length: int, keep: torch.Tensor) -> None:
+    accepted draft tokens this way, LinearSpec's verify tree those of each row's accepted path. A static layer's
+    chunk start stays a tensor (no host sync)."""
+    k = keep.shape[-1]
     for layer in cache.layers:
         if not layer.is_initialized:
             continue
         static = getattr(layer, "is_compileable", False)
-        start = (int(layer.cumulative_length) if static else layer.keys.shape[2]) - chunk_length
-        index = (start + keep)[:, None, :, None]
-        kept_keys = layer.keys.gather(2, index.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1]))
-        kept_values = layer.values.gather(2, index.expand(-1, layer.values.shape[1], -1, layer.values.shape[-1]))
+        start = (layer.cumulative_length if static else layer.keys.shape[2]) - chunk_length
+        rows_keep = keep if keep.dim() == 2 else keep.expand(layer.keys.shape[0], -1)
+        kept = []
+        for states in (layer.keys, layer.values):
+            index = (start + rows_keep)[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[-1])
+            kept.append(states.gather(2, index))
         if static:
-            layer.keys[:, :, start : start + keep.shape[1]] = kept_keys
-            layer.values[:, :, start : start + keep.shape[1]] = kept_values
-            layer.cumulative_length.sub_(chunk_length - keep.shape[1])
+            target = (start + torch.arange(k, device=keep.device))[None, None, :, None]
+            for states, values in zip((layer.keys, layer.values), kept):
+                states.scatter_(2, target.expand(values.shape), values)
+            layer.cumulative_length.sub_(chunk_length - k)
         else:
-            layer.keys = torch.cat([layer.keys[:, :, :start], kept_keys], dim=2)
-            layer.values = torch.cat([layer.values[:, :, :start], kept_values], dim=2)
+            layer.keys = torch.cat([layer.keys[:, :, :start], kept[0]], dim=2)
+            layer.values = torch.cat([layer.values[:, :, :start], kept[1]], dim=2)
 
 
 def select_cache_rows(cache, index: torch.Tensor) -> None:

@@ -281,10 +281,10 @@ class GatedDraftLoRALinear(nn.Module):
     def for_wrapper(cls, wrapper, base, drafting_names):
         """The module for a plain LoRA wrapper around an `nn.Linear` (no DoRA or other variant, no dropout in
         effect) with drafting adapters `drafting_names`, else None (PEFT's layer with a gate hook serves it)."""
-        if type(base) is not nn.Linear or getattr(wrapper, "merged", False) or not hasattr(wrapper, "lora_A"):
+        if not hasattr(wrapper, "lora_A"):
             return None
         names = [n for n in _as_list(drafting_names) if n in wrapper.lora_A]
-        if not names or not MergedDraftLinear.mergeable(wrapper, base, names):
+        if not names or not MergedDraftLinear.mergeable(wrapper, base, names):  # plain LoRA on a plain nn.Linear
             return None
         for n in names:
             dropout = wrapper.lora_dropout[n]
@@ -342,9 +342,10 @@ def enable_merged_drafter(model, adapter_name=None):
             continue
         names = sorted(module.lora_A) if adapter_name in (None, False) else [adapter_name]
         names = [n for n in names if n in module.lora_A]
-        if names and MergedDraftLinear.mergeable(module, peft_base_module(module), names):
+        base = peft_base_module(module)
+        if names and MergedDraftLinear.mergeable(module, base, names):
             setattr(module, MERGED_DRAFT_ATTRIBUTE, {})
-            MergedDraftLinear.merged_weight(module, peft_base_module(module), names)
+            MergedDraftLinear.merged_weight(module, base, names)
             count += 1
     return count
 

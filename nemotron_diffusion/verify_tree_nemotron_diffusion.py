@@ -71,14 +71,13 @@ class VerifyTree:
         rows = torch.arange(live, device=tokens.device)
         chain_hits = (tokens[:, 1 : d + 1] == targets[:, :d]).long()
         accepted = chain_hits.cumprod(dim=1).sum(dim=1)  # [live] in 0..D
-        width = self.width - 1
         branch = (accepted < self.slots) & (accepted < d)
         slot_row = accepted.clamp(max=self.slots - 1)
         sibling_nodes = self.siblings[slot_row]  # [live, w-1]
         target_at_fail = targets[rows, accepted]  # the verifier's token after chain node `accepted`
         sibling_hits = (tokens.gather(1, sibling_nodes) == target_at_fail[:, None]) & branch[:, None]
         took_sibling = sibling_hits.any(dim=1)
-        choice = sibling_hits.long().argmax(dim=1) if width else torch.zeros_like(accepted)
+        choice = sibling_hits.long().argmax(dim=1)  # at most one sibling equals the verifier's token
         sibling = sibling_nodes[rows, choice]
         continuation = self.continuations[slot_row][rows, choice]
         took_continuation = took_sibling & (continuation >= 0)
