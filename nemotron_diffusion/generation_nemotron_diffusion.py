@@ -45,6 +45,7 @@ from .generation_config_nemotron_diffusion import (
     NemotronDiffusionGenerationConfig,
     mode_field,
 )
+from .head_nemotron_diffusion import apply_head
 from .rows_nemotron_diffusion import Rows
 from .sampling_nemotron_diffusion import (
     PREFIX_FREE_PROCESSORS,
@@ -391,7 +392,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
 
     def _head(self, hidden):
         """Logits [..., V] of hidden states [..., H]: the one place the LM head is applied in the block loops."""
-        return self.diffusion_head(hidden)
+        return apply_head(self.diffusion_head, hidden)
 
     def _prefill_prompt(self, rows, cache, is_causal=True):
         """One forward over the prompt that writes the cache; returns the last position's logits [live, V]."""

@@ -41,6 +41,7 @@ from .cache_nemotron_diffusion import ReadOnlyCache, is_static_cache, rewind_cac
 from .configuration_nemotron_diffusion import NemotronDiffusionConfig
 from .generation_config_nemotron_diffusion import NemotronDiffusionGenerationConfig
 from .generation_nemotron_diffusion import NemotronDiffusionGenerationMixin
+from .head_nemotron_diffusion import apply_head
 from .model_card import should_write as _should_write_card
 from .model_card import write_model_card
 
@@ -491,7 +492,7 @@ class NemotronDiffusionForCausalLM(NemotronDiffusionPreTrainedModel, NemotronDif
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.diffusion_head(hidden_states)
+        logits = apply_head(self.diffusion_head, hidden_states)
         return NemotronDiffusionCausalLMOutput(
             logits=logits,
             hidden_states=outputs.hidden_states,
@@ -571,7 +572,7 @@ class NemotronDiffusionForCausalLM(NemotronDiffusionPreTrainedModel, NemotronDif
             mask_function=mask_function,
             **kwargs,
         )
-        return self.diffusion_head(outputs.last_hidden_state)
+        return apply_head(self.diffusion_head, outputs.last_hidden_state)
 
     @staticmethod
     def _noise(labels, masked_indices, p_mask, eps):

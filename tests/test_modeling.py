@@ -189,3 +189,22 @@ def test_tied_head_option():
     assert model.diffusion_head.weight.data_ptr() == model.encoder.embed_tokens.weight.data_ptr()
     untied = tiny_model()
     assert untied.diffusion_head.weight.data_ptr() != untied.encoder.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_head_equals_the_head_on_slices_and_batches(dtype):
+    # The head is applied to a [N, H] matrix (a slow CPU path of 3-D `linear` on slices; see apply_head): the
+    # logits must be the head's own, for slices of a batch of one, strided batches and 2-D / 4-D inputs.
+    from nemotron_diffusion.head_nemotron_diffusion import apply_head
+
+    head = torch.nn.Linear(16, 37, bias=False).to(dtype)
+    hidden = torch.randn(3, 6, 4, 16, dtype=dtype)
+    cases = [hidden[:1, :, 0], hidden[:1, 2:, 0], hidden[:1, -1:, 0], hidden[:, 1:, 2], hidden[0, 0], hidden,
+             hidden[1, :, 3]]
+    with torch.no_grad():
+        for case in cases:
+            got = apply_head(head, case)
+            assert got.shape == case.shape[:-1] + (37,)
+            want = torch.stack([row @ head.weight.T for row in case.reshape(-1, 16)]).reshape(got.shape)
+            torch.testing.assert_close(got, want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2)
+            assert torch.equal(got, head(case.contiguous().reshape(-1, 16)).reshape(got.shape))
