@@ -99,7 +99,13 @@ def native_twin(model, native_class=None, config=None, base_module=None):
     for name in twin.state_dict():
         path, _, parameter = our_name(name).rpartition(".")
         module = model.get_submodule(path)
-        state[name] = getattr(base_module(module) if base_module is not None else module, parameter)
+        value = getattr(base_module(module) if base_module is not None else module, parameter)
+        if isinstance(value, torch.nn.Parameter):
+            # A Parameter of its own on the same storage: `assign=True` would otherwise set `requires_grad` on
+            # `model`'s parameters (a frozen base under a drafter would come back trainable), and the twin's
+            # flags are those of a freshly loaded stock model.
+            value = torch.nn.Parameter(value.detach(), requires_grad=value.is_floating_point())
+        state[name] = value
     twin.load_state_dict(state, strict=True, assign=True)
     with torch.device(model.device):  # non-persistent buffers (RoPE frequencies) are not in the state dict
         twin.model.rotary_emb = type(twin.model.rotary_emb)(config=config)

@@ -129,7 +129,11 @@ def test_native_twin_of_a_converted_llama_is_the_source_model(tmp_path):
     src, source = _llama(tmp_path, tie=False, rope_parameters=rope)
     convert_checkpoint(src, tmp_path / "out")
     model = NemotronDiffusionForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    model.encoder.layers[0].requires_grad_(False)  # e.g. a base frozen under a drafter: the twin leaves it frozen
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
     twin = native_twin(model)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(p.requires_grad for p in twin.parameters())  # as a freshly loaded stock model
     assert isinstance(twin, LlamaForCausalLM)
     assert twin.lm_head.weight.data_ptr() == model.diffusion_head.weight.data_ptr()
     down_proj = model.encoder.layers[1].mlp.down_proj.weight
