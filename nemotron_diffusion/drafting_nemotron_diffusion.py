@@ -13,6 +13,7 @@ each PEFT layer on exit. It flips flags on shared modules, so generation on one 
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 @contextlib.contextmanager
@@ -171,12 +172,18 @@ class _DraftingSwitch:
         if gating and not self.can_gate:
             raise ValueError("the drafter adapter has layers whose contribution cannot be limited to positions")
         gate = only_at[..., None] if gating else None
+        gates = {}  # one gate tensor per dtype for all GatedDraftLoRALinear modules of this forward
         for parent, name, wrapper, base, drafting_module, gated_module in self.swaps:
             if gating and not isinstance(drafting_module, DraftTokenEmbedding):
                 # Merged weights cannot be limited to positions: the LoRA terms with their gate.
                 drafting_module = wrapper if gated_module is None else gated_module
-            if isinstance(drafting_module, (DraftTokenEmbedding, GatedDraftLoRALinear)):
+            if isinstance(drafting_module, DraftTokenEmbedding):
                 drafting_module.only_at = only_at if drafting else None
+            elif isinstance(drafting_module, GatedDraftLoRALinear):
+                dtype = drafting_module.lora_a.dtype
+                if gating and dtype not in gates:
+                    gates[dtype] = gate.to(dtype)
+                drafting_module.gate = gates[dtype] if gating else None
             parent._modules[name] = drafting_module if drafting else base
         if gating:
             for layer in self.states:
@@ -267,15 +274,20 @@ class DraftTokenEmbedding(nn.Module):
 
 class GatedDraftLoRALinear(nn.Module):
     """A LoRA layer's drafting computation limited to positions, without PEFT's per-call work:
-    `base(x) + sum_a scale_a * B_a((A_a x) * only_at)`, in the adapter's dtype as PEFT computes it. `only_at` is a
-    [batch, query] bool tensor set by the drafting switch. (About 10% of a QuadraticSpec forward of the demo on a
-    CPU: PEFT's Python around 210 small LoRA calls plus a forward hook per layer.)"""
+    `base(x) + B' ((A' x) * gate)`, where A' stacks the drafting adapters' A matrices and B' their B matrices
+    times their scaling (one low-rank product for all of them), and `gate` is the drafting switch's
+    [batch, query, 1] 0/1 tensor (1 where the adapter applies). A handful of tensor ops a layer instead of PEFT's
+    module calls per adapter and a forward hook. The low-rank terms are computed in the adapter's dtype, as PEFT
+    does (float32 for the demo's drafter: on a CPU a tiny bf16 matmul costs three times a float32 one). Where the
+    gate is 0 the output is `base(x)` exactly."""
 
-    def __init__(self, base: nn.Linear, terms):
+    def __init__(self, base: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor, adapter_names=()):
         super().__init__()
         self.base = base
-        self.terms = terms  # [(lora_A, lora_B, scaling)]
-        self.only_at = None
+        self.adapter_names = tuple(adapter_names)
+        self.lora_a = lora_a  # [sum of ranks, in]
+        self.lora_b = lora_b  # [out, sum of ranks], scaling folded in
+        self.gate = None  # [batch, query, 1] in the model's dtype, or None: the adapter applies everywhere
 
     @classmethod
     def for_wrapper(cls, wrapper, base, drafting_names):
@@ -290,18 +302,18 @@ class GatedDraftLoRALinear(nn.Module):
             dropout = wrapper.lora_dropout[n]
             if not isinstance(dropout, nn.Identity) and (dropout.training and getattr(dropout, "p", 0) > 0):
                 return None
-        return cls(base, [(wrapper.lora_A[n], wrapper.lora_B[n], wrapper.scaling[n]) for n in names])
+        dtype = wrapper.lora_A[names[0]].weight.dtype
+        with torch.no_grad():  # taken at each generate() call, so they follow the adapter's current weights
+            lora_a = torch.cat([wrapper.lora_A[n].weight.to(dtype) for n in names])
+            lora_b = torch.cat([wrapper.lora_B[n].weight.to(dtype) * wrapper.scaling[n] for n in names], dim=1)
+        return cls(base, lora_a, lora_b, names)
 
     def forward(self, x):
-        base = self.base(x)
-        result = base
-        gate = None if self.only_at is None else self.only_at[..., None]
-        for lora_a, lora_b, scaling in self.terms:
-            h = lora_a(x.to(lora_a.weight.dtype))
-            if gate is not None:
-                h = h * gate.to(h.dtype)  # lora_B has no bias: a zero input removes the LoRA term there
-            result = result + lora_b(h) * scaling
-        return result.to(base.dtype)
+        result = self.base(x)
+        low_rank = F.linear(x.to(self.lora_a.dtype), self.lora_a)
+        if self.gate is not None:
+            low_rank = low_rank * self.gate  # a zero row removes the LoRA term at that position exactly
+        return result.add_(F.linear(low_rank, self.lora_b))
 
 
 # ---------------------------------------------------------------------------------------- merged draft weights

@@ -358,10 +358,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         if attention_mask is None:
             attention_mask = rows.slots.attention_mask(k)
         if mask_function is not None:
-            attention_mask = self.encoder.build_attention_mask(
-                torch.empty(input_ids.shape + (0,), dtype=self.dtype, device=input_ids.device),
-                attention_mask, cache, positions, is_causal=False, mask_function=mask_function,
-            )
+            attention_mask = self._custom_attention_mask(cache, input_ids, attention_mask, positions, mask_function)
             is_causal = False
         call = self.encoder.__call__ if eager else rows.encoder_call
         out = call(
@@ -375,6 +372,28 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             **(extra_inputs or {}),
         )
         return out.last_hidden_state
+
+    def _custom_attention_mask(self, cache, input_ids, attention_mask, positions, mask_function):
+        """The attention mask of a chunk with a custom pattern: `mask_function` (one of the index-based patterns
+        below) AND the 2-D padding mask `attention_mask` [live, S + K] over every key slot.
+
+        With sdpa (also what FlashAttention calls with custom masks run on) it is evaluated once on broadcast index
+        tensors, as transformers does for its own patterns; transformers evaluates a custom function with vmap
+        instead (it cannot know it is index-based), ~3 ms a forward on a CPU. Other backends take transformers'
+        builder. `test_custom_attention_mask_equals_transformers_mask` holds the two to the same mask."""
+        if self.config._attn_implementation not in ("sdpa", "flash_attention_2", "flash_attention_3"):
+            return self.encoder.build_attention_mask(
+                torch.empty(input_ids.shape + (0,), dtype=self.dtype, device=input_ids.device),
+                attention_mask, cache, positions, is_causal=False, mask_function=mask_function,
+            )
+        device = input_ids.device
+        start = int(cache.get_seq_length())
+        queries = torch.arange(start, start + input_ids.shape[1], device=device)
+        keys = torch.arange(attention_mask.shape[1], device=device)
+        batch = torch.arange(input_ids.shape[0], device=device)
+        allowed = mask_function(batch[:, None, None, None], torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device),
+                                queries[None, None, :, None], keys[None, None, None, :])
+        return allowed & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
 
     @staticmethod
     @contextlib.contextmanager
@@ -680,7 +699,11 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
                 )
             rows.count_forward()
             hidden = hidden.reshape(rows.size, block_size, row_len, -1)
-            target_logits = self._head(hidden[:, :, 0])
+            batch = torch.arange(rows.size, device=device)
+            # Small blocks: one head call over every row's draft slot and masks 2..B (the head's weight, the bulk
+            # of its cost at a few rows, is read once); larger ones: the draft slots, then the accepted row's masks.
+            all_logits = self._head(hidden[:, :, [0, *range(2, row_len)]]) if block_size <= 4 else None
+            target_logits = all_logits[:, :, 0] if all_logits is not None else self._head(hidden[:, :, 0])
             # Row i's causal logits follow d_0..d_i, none of which is emitted yet.
             scores = process_block(logits_processor, rows, drafts, target_logits, first=1)
             accepted, emitted = speculative_accept(drafts[:, 1:], scores, draft_probs, config.do_sample)
@@ -691,8 +714,10 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             n = rows.emit(drafts, take)
             rows.record_cycle(n)
             # Next draft: the accepted row's masks; slot 0 is the AR token after the accepted prefix.
-            batch = torch.arange(rows.size, device=device)
-            next_logits = exclude_token(self._head(hidden[batch, accepted, 2:]), mask_id)
+            next_logits = exclude_token(
+                all_logits[batch, accepted, 1:] if all_logits is not None else self._head(hidden[batch, accepted, 2:]),
+                mask_id,
+            )
             next_first = emitted[batch, accepted]
             drafts, draft_probs = self._next_quadratic_draft(rows, next_first, next_logits, logits_processor, config)
             drafts, draft_probs = rows.drop_finished(cache, drafts, draft_probs)

@@ -215,9 +215,18 @@ def test_quadratic_spec_with_the_drafter_at_mask_slots_stays_lossless(rows):
     kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None, block_size=3,
                   return_dict_in_generate=True, drafter_adapter="drafter")
     ar = base.generate(ids, **{k: v for k, v in kwargs.items() if k != "drafter_adapter"}, decode_mode="ar")
-    lora_calls = []
+    from nemotron_diffusion.drafting_nemotron_diffusion import GatedDraftLoRALinear
+
+    lora_calls = []  # per call of the drafter's LoRA terms: whether they were on at some position
     lora_a = next(m for m in model.modules() if hasattr(m, "lora_A")).lora_A["drafter"]
-    handle = lora_a.register_forward_hook(lambda module, args, output: lora_calls.append(output.abs().sum() > 0))
+
+    def record(module, args, output):
+        if module is lora_a:  # PEFT's layer
+            lora_calls.append(bool(output.abs().sum() > 0))
+        elif isinstance(module, GatedDraftLoRALinear) and "drafter" in module.adapter_names:  # our gated layer
+            lora_calls.append(module.gate is not None and bool(module.gate.any()))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
     try:
         with_drafter = model.generate(ids, decode_mode="quadratic_spec", drafter_modes=["quadratic_spec"], **kwargs)
         calls_with = list(lora_calls)
@@ -263,3 +272,44 @@ def test_passed_plain_generation_config_with_drafter_modes():
                        model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None,
                                       decode_mode="diffusion", block_size=4, drafter_adapter="drafter",
                                       drafter_modes=["diffusion"]))
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_custom_attention_mask_equals_transformers_mask(static):
+    """The block loops build their custom-pattern masks (QuadraticSpec's chunk and bootstrap, verify trees) on
+    broadcast indices; transformers' builder (vmap over the same function) must give the very same mask, with
+    left padding, on dynamic and static caches."""
+    from transformers.cache_utils import DynamicCache, StaticCache
+
+    from nemotron_diffusion.generation_nemotron_diffusion import (
+        _bootstrap_mask_function,
+        _chunk_mask_function,
+        _quadratic_mask_function,
+    )
+    from nemotron_diffusion.verify_tree_nemotron_diffusion import verify_tree
+
+    model = tiny_model()
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [7, 8, 9]])
+    prompt_width = ids.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=40) if static else DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+    tree = verify_tree(3, 3, 3, "cpu")
+    cases = [
+        (12, _quadratic_mask_function(prompt_width, 3, "cpu")),
+        (tree.size, _chunk_mask_function(prompt_width, tree.ancestors)),
+        (5, _bootstrap_mask_function(prompt_width + 2)),
+    ]
+    for length, function in cases:
+        block = torch.full((2, length), 4)
+        width = 40 if static else prompt_width + length
+        padding = torch.cat([mask, torch.ones(2, width - prompt_width, dtype=mask.dtype)], dim=1)
+        padding[1, -1] = 0  # a hole (a static cache's dropped slot) is masked out too
+        positions = torch.arange(length)[None].expand(2, -1) + prompt_width
+        ours = model._custom_attention_mask(cache, block, padding, positions, function)
+        theirs = model.encoder.build_attention_mask(
+            torch.empty(2, length, 0), padding, cache, positions, is_causal=False, mask_function=function
+        )
+        assert ours.dtype == theirs.dtype == torch.bool
+        assert torch.equal(ours, theirs.expand_as(ours))
+        assert ours[0, 0, 0, : prompt_width].all() and not ours[1, 0, 0, :4].any()  # prefix seen, padding not

@@ -663,6 +663,14 @@ class ForwardLog:
         for layer in lora_layers(model):
             for name, module in getattr(layer, "lora_A", {}).items():
                 self.handles.append(module.register_forward_hook(self._adapter_hook(name)))
+        # QuadraticSpec's gated drafting runs the drafter's LoRA terms in our module, not through lora_A.
+        self.handles.append(torch.nn.modules.module.register_module_forward_hook(self._gated_hook))
+
+    def _gated_hook(self, module, args, output):
+        from nemotron_diffusion.drafting_nemotron_diffusion import GatedDraftLoRALinear
+
+        if isinstance(module, GatedDraftLoRALinear) and self.calls:
+            self.calls[-1]["ran"].update(module.adapter_names)
 
     def _pre(self, module, args, kwargs):
         draft = not kwargs.get("is_causal", True) and kwargs.get("mask_function") is None
