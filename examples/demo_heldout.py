@@ -1,6 +1,6 @@
 """Held-out measurement of the demo: speed of every decoding mode against stock transformers on the same weights.
 
-    python examples/demo_heldout.py [--prompts 12] [--max-new-tokens 96] [--configs ar,linear_spec:8,linear_spec:8:w3]
+    python examples/demo_heldout.py [--prompts 12] [--max-new-tokens 96] [--configs ar,linear_spec:4:w3,diffusion:4:t0.5]
                                     [--dtype auto|bfloat16|float32] [--batch 4] [--drafter PATH|none]
                                     [--threads 1] [--time-limit S] [--out PREFIX]
 
@@ -37,57 +37,68 @@ from nemotron_diffusion.generation_config_nemotron_diffusion import DECODE_MODES
 from nemotron_diffusion.native_twin import native_twin
 from nemotron_diffusion.tooling import left_pad
 
-DEFAULT_CONFIGS = ("ar,diffusion:4,diffusion:8,linear_spec:4,linear_spec:8,linear_spec:3:w3,linear_spec:4:w3,"
-                   "linear_spec:8:w3,quadratic_spec:3,quadratic_spec:4")
-CONFIDENCE_THRESHOLD = 0.9  # diffusion mode
+DEFAULT_CONFIGS = ("ar,diffusion:4,diffusion:4:t0.5,diffusion:8:t0.5,linear_spec:4,linear_spec:3:w3,linear_spec:4:w3,"
+                   "linear_spec:6:w3,quadratic_spec:2,quadratic_spec:3,quadratic_spec:4")
+CONFIDENCE_THRESHOLD = 0.9  # diffusion mode, unless a configuration says otherwise (diffusion:B:tX)
 TREE_SLOTS = 3  # linear_spec:B:wN verifies a tree of width N over the first 3 draft slots
 STOCK = "stock"
 
 
 def parse_configs(text):
-    """'ar,linear_spec:8,linear_spec:8:w3' -> [("ar", None, None), ("linear_spec", 8, None), ("linear_spec", 8, 3)]
-    (mode, block size, verify-tree width); AR is always measured."""
+    """'ar,linear_spec:8:w3,diffusion:4:t0.5' -> [("ar", None, None, None), ("linear_spec", 8, 3, None),
+    ("diffusion", 4, None, 0.5)]: (mode, block size, verify-tree width, diffusion confidence threshold); AR is
+    always measured."""
     configs = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
-        mode, _, rest = item.partition(":")
-        size, _, width = rest.partition(":")
+        mode, *parts = item.split(":")
         if mode not in DECODE_MODES:
             raise SystemExit(f"--configs: mode {mode!r} is invalid; allowed: {', '.join(DECODE_MODES)}")
-        if width and (mode != "linear_spec" or not width.startswith("w") or not width[1:].isdigit()):
-            raise SystemExit(f"--configs: {item!r}: a tree width is written linear_spec:B:wN (N >= 2)")
-        width = int(width[1:]) if width else None
-        if mode == "ar":
-            size = None
-        else:
+        size, width, threshold = None, None, None
+        for part in parts[1:]:
+            if part.startswith("w") and part[1:].isdigit() and mode == "linear_spec":
+                width = int(part[1:])
+            elif part.startswith("t") and mode == "diffusion":
+                try:
+                    threshold = float(part[1:])
+                except ValueError:
+                    raise SystemExit(f"--configs: {item!r}: threshold {part[1:]!r} is not a number") from None
+            else:
+                raise SystemExit(f"--configs: {item!r}: write linear_spec:B:wN (a tree of width N) or "
+                                 f"diffusion:B:tX (confidence threshold X)")
+        if mode != "ar":
             try:
-                size = int(size or 8)
+                size = int(parts[0] if parts and parts[0] else 8)
             except ValueError:
-                raise SystemExit(f"--configs: block size {size!r} of {mode} is not an integer") from None
+                raise SystemExit(f"--configs: block size {parts[0]!r} of {mode} is not an integer") from None
             if size < 2:
                 raise SystemExit(f"--configs: block size {size} of {mode} must be >= 2")
-        if (mode, size, width) not in configs:
-            configs.append((mode, size, width))
-    return [("ar", None, None)] + [c for c in configs if c[0] != "ar"]
+        if mode == "diffusion" and threshold is None:
+            threshold = CONFIDENCE_THRESHOLD
+        if (mode, size, width, threshold) not in configs:
+            configs.append((mode, size, width, threshold))
+    return [("ar", None, None, None)] + [c for c in configs if c[0] != "ar"]
 
 
 def label(config):
-    mode, size, width = config
+    mode, size, width, threshold = config
     text = mode if size is None else f"{mode} B={size}"
+    if threshold is not None:
+        text = f"{text} threshold {threshold:g}"
     return text if width is None else f"{text} tree {width}x{TREE_SLOTS}"
 
 
 def generate_kwargs(config, max_new_tokens, eos):
-    mode, size, width = config
+    mode, size, width, threshold = config
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "decode_mode": mode,
               "return_dict_in_generate": True, "eos_token_id": eos}
     if size is not None:
         kwargs["block_size"] = size
     if width is not None:
         kwargs.update(tree_width=width, tree_slots=TREE_SLOTS)
-    if mode == "diffusion":
-        kwargs["confidence_threshold"] = CONFIDENCE_THRESHOLD
+    if threshold is not None:
+        kwargs["confidence_threshold"] = threshold
     return kwargs
 
 
@@ -186,7 +197,8 @@ def main(argv=None):
     parser.add_argument("--prompts", type=int, default=12)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--configs", default=DEFAULT_CONFIGS,
-                        help="comma-separated mode, mode:block_size or linear_spec:block_size:wN (a tree of width N)")
+                        help="comma-separated mode, mode:block_size, linear_spec:block_size:wN (a tree of width N) or "
+                             "diffusion:block_size:tX (confidence threshold X, default 0.9)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
     parser.add_argument("--batch", type=int, default=0, help="also measure left-padded batches of this many prompts")
     parser.add_argument("--drafter", default=None, help="adapter folder (default: the shipped one) or 'none'")
@@ -247,7 +259,7 @@ def main(argv=None):
             "prompts": len(rows),
             "sources": sources[: len(rows)],
             "max_new_tokens": args.max_new_tokens,
-            "confidence_threshold_diffusion": CONFIDENCE_THRESHOLD,
+            "confidence_threshold_diffusion": f"{CONFIDENCE_THRESHOLD} unless the configuration names one",
             "threads": torch.get_num_threads(),
             "machine": args.machine or f"{platform.machine()} CPU, {os.cpu_count()} logical cores",
             "torch": torch.__version__,
