@@ -37,8 +37,8 @@ from nemotron_diffusion.generation_config_nemotron_diffusion import DECODE_MODES
 from nemotron_diffusion.native_twin import native_twin
 from nemotron_diffusion.tooling import left_pad
 
-DEFAULT_CONFIGS = ("ar,diffusion:4,diffusion:4:t0.5,diffusion:8:t0.5,linear_spec:4,linear_spec:3:w3,linear_spec:4:w3,"
-                   "linear_spec:6:w3,quadratic_spec:2,quadratic_spec:3,quadratic_spec:4")
+DEFAULT_CONFIGS = ("ar,diffusion:4,diffusion:3:t0.5,diffusion:4:t0.5,diffusion:8:t0.5,linear_spec:4,linear_spec:3:w3,"
+                   "linear_spec:4:w3,linear_spec:6:w3,quadratic_spec:2,quadratic_spec:3,quadratic_spec:4")
 CONFIDENCE_THRESHOLD = 0.9  # diffusion mode, unless a configuration says otherwise (diffusion:B:tX)
 TREE_SLOTS = 3  # linear_spec:B:wN verifies a tree of width N over the first 3 draft slots
 STOCK = "stock"
