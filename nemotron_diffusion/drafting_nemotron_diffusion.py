@@ -287,7 +287,7 @@ class GatedDraftLoRALinear(nn.Module):
         self.adapter_names = tuple(adapter_names)
         self.lora_a = lora_a  # [sum of ranks, in]
         self.lora_b = lora_b  # [out, sum of ranks], scaling folded in
-        self.gate = None  # [batch, query, 1] in the model's dtype, or None: the adapter applies everywhere
+        self.gate = None  # [batch, query, 1] 0/1 in lora_a's dtype, or None: the adapter applies everywhere
 
     @classmethod
     def for_wrapper(cls, wrapper, base, drafting_names):

@@ -66,6 +66,9 @@ from .sampling_nemotron_diffusion import (
 from .validation_nemotron_diffusion import validate_generate_inputs, validate_generation_settings
 from .verify_tree_nemotron_diffusion import verify_tree
 
+# QuadraticSpec blocks up to this size apply the LM head once to all B * B rows it needs (B draft slots, B - 1 masks
+# per row) rather than twice (B rows, then B - 1): on a CPU the head's cost is mostly reading its weight.
+_ONE_HEAD_CALL_MAX_BLOCK = 4
 # Forward arguments that select an attention pattern: `generate` must never pass them to every forward.
 _FORBIDDEN_GENERATE_KWARGS = ("is_causal", "update_cache", "mask_function", "labels")
 
@@ -702,7 +705,8 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             batch = torch.arange(rows.size, device=device)
             # Small blocks: one head call over every row's draft slot and masks 2..B (the head's weight, the bulk
             # of its cost at a few rows, is read once); larger ones: the draft slots, then the accepted row's masks.
-            all_logits = self._head(hidden[:, :, [0, *range(2, row_len)]]) if block_size <= 4 else None
+            one_call = block_size <= _ONE_HEAD_CALL_MAX_BLOCK
+            all_logits = self._head(hidden[:, :, [0, *range(2, row_len)]]) if one_call else None
             target_logits = all_logits[:, :, 0] if all_logits is not None else self._head(hidden[:, :, 0])
             # Row i's causal logits follow d_0..d_i, none of which is emitted yet.
             scores = process_block(logits_processor, rows, drafts, target_logits, first=1)
