@@ -180,7 +180,7 @@ class _DraftingSwitch:
             if isinstance(drafting_module, DraftTokenEmbedding):
                 drafting_module.only_at = only_at if drafting else None
             elif isinstance(drafting_module, GatedDraftLoRALinear):
-                dtype = drafting_module.lora_a.dtype
+                dtype = drafting_module.low_rank_dtype
                 if gating and dtype not in gates:
                     gates[dtype] = gate.to(dtype)
                 drafting_module.gate = gates[dtype] if gating else None
@@ -281,13 +281,14 @@ class GatedDraftLoRALinear(nn.Module):
     does (float32 for the demo's drafter: on a CPU a tiny bf16 matmul costs three times a float32 one). Where the
     gate is 0 the output is `base(x)` exactly."""
 
-    def __init__(self, base: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor, adapter_names=()):
+    def __init__(self, base: nn.Linear, terms, adapter_names=()):
         super().__init__()
         self.base = base
+        self.terms = terms  # [(lora_A, lora_B, scaling)] of the drafting adapters
         self.adapter_names = tuple(adapter_names)
-        self.lora_a = lora_a  # [sum of ranks, in]
-        self.lora_b = lora_b  # [out, sum of ranks], scaling folded in
-        self.gate = None  # [batch, query, 1] 0/1 in lora_a's dtype, or None: the adapter applies everywhere
+        self.low_rank_dtype = terms[0][0].weight.dtype  # the adapter's: the low-rank terms are computed in it
+        self.gate = None  # [batch, query, 1] 0/1 in `low_rank_dtype`, or None: the adapter applies everywhere
+        self._stacked = None  # (A' [sum of ranks, in], B' [out, sum of ranks] with the scalings folded in)
 
     @classmethod
     def for_wrapper(cls, wrapper, base, drafting_names):
@@ -302,18 +303,25 @@ class GatedDraftLoRALinear(nn.Module):
             dropout = wrapper.lora_dropout[n]
             if not isinstance(dropout, nn.Identity) and (dropout.training and getattr(dropout, "p", 0) > 0):
                 return None
-        dtype = wrapper.lora_A[names[0]].weight.dtype
-        with torch.no_grad():  # taken at each generate() call, so they follow the adapter's current weights
-            lora_a = torch.cat([wrapper.lora_A[n].weight.to(dtype) for n in names])
-            lora_b = torch.cat([wrapper.lora_B[n].weight.to(dtype) * wrapper.scaling[n] for n in names], dim=1)
-        return cls(base, lora_a, lora_b, names)
+        return cls(base, [(wrapper.lora_A[n], wrapper.lora_B[n], wrapper.scaling[n]) for n in names], names)
+
+    def stacked(self):
+        """(A', B'), stacked at the first gated forward of a generate() call (this module lives for one call, so
+        they follow the adapter's current weights; calls that never gate never pay for them)."""
+        if self._stacked is None:
+            with torch.no_grad():
+                lora_a = torch.cat([a.weight.to(self.low_rank_dtype) for a, _, _ in self.terms])
+                lora_b = torch.cat([b.weight.to(self.low_rank_dtype) * scaling for _, b, scaling in self.terms], dim=1)
+            self._stacked = (lora_a, lora_b)
+        return self._stacked
 
     def forward(self, x):
+        lora_a, lora_b = self.stacked()
         result = self.base(x)
-        low_rank = F.linear(x.to(self.lora_a.dtype), self.lora_a)
+        low_rank = F.linear(x.to(self.low_rank_dtype), lora_a)
         if self.gate is not None:
             low_rank = low_rank * self.gate  # a zero row removes the LoRA term at that position exactly
-        return result.add_(F.linear(low_rank, self.lora_b))
+        return result.add_(F.linear(low_rank, lora_b))
 
 
 # ---------------------------------------------------------------------------------------- merged draft weights
