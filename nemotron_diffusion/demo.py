@@ -138,8 +138,9 @@ def attach_drafter(model, folder, adapter_name: str = "drafter", merged=None):
     only, every causal forward with the base weights.
 
     `merged`: keep merged draft weights (`model.enable_merged_drafter`: draft forwards at a base forward's cost, one
-    more copy of each adapted weight in memory); None takes the folder's `drafter_settings.json` ("merged_drafter",
-    true for the demo's 135M model), else off."""
+    more copy of each adapted weight in memory): True (in the base dtype), "int8" (weight-only int8 on a CPU:
+    cheaper draft forwards; the base dtype on other devices), False (PEFT's LoRA in draft forwards). None takes the
+    folder's `drafter_settings.json` ("merged_drafter": "int8" for the demo's 135M model), else False."""
     import json
     import warnings
 
@@ -156,9 +157,12 @@ def attach_drafter(model, folder, adapter_name: str = "drafter", merged=None):
         model.generation_config.drafter_modes = list(settings["drafter_modes"])
         model.generation_config.validate_mode_fields()
     if merged is None:
-        merged = bool(settings.get("merged_drafter", False))
+        merged = settings.get("merged_drafter", False)
+    if merged not in (True, False, "int8"):
+        raise ValueError(f"merged={merged!r} is invalid; allowed: True, False, 'int8'")
     if merged:
-        model.enable_merged_drafter(adapter_name)
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+        model.enable_merged_drafter(adapter_name, weight_format="int8" if merged == "int8" and on_cpu else None)
     return model
 
 

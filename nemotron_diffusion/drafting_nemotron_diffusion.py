@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .int8_nemotron_diffusion import int8_linear, int8_supported, quantize_int8
+
 @contextlib.contextmanager
 def adapters_for_drafting(model, adapter_name, bypass=False):
     """Yields `set_drafting(drafting, only_at=None)` for the forwards of one decoding loop.
@@ -39,7 +41,7 @@ def adapters_for_drafting(model, adapter_name, bypass=False):
     embedding of the drafter is computed sparsely (`DraftTokenEmbedding`), and a LoRA layer whose merged draft
     weights were kept (`enable_merged_drafter`) computes `F.linear` with them in forwards that draft at every
     position. The wrappers are put back on exit."""
-    layers = [m for m in model.modules() if hasattr(m, "_disable_adapters") and hasattr(m, "_active_adapter")]
+    layers = peft_layers(model)
     if adapter_name is False:
         yield _NoAdapters()
         return
@@ -63,9 +65,9 @@ def adapters_for_drafting(model, adapter_name, bypass=False):
             )
     saved = {layer: (layer._disable_adapters, layer._active_adapter) for layer in layers}
     states = {layer: _layer_states(layer, *saved[layer], adapter_name) for layer in layers}
-    swaps = []
+    swaps, inner_layers = [], {}
     for parent, name, wrapper, base in wrapper_swaps(model) if bypass else []:
-        inner = [m for m in wrapper.modules() if m in states]
+        inner = inner_layers[wrapper] = {m for m in wrapper.modules() if m in states}
         if all(states[m][0][0] for m in inner):  # every PEFT layer in it is off outside drafting: base alone
             token_layer = getattr(wrapper, "token_adapter", None)
             drafting = states[token_layer][1] if token_layer in states else (True, None)
@@ -77,7 +79,7 @@ def adapters_for_drafting(model, adapter_name, bypass=False):
             swaps.append((parent, name, wrapper, base, drafting_module or wrapper, gated_module))
     # The decoding loops apply the LM head with the drafter off: only the backbone's layers need gating.
     backbone = set(getattr(model, "encoder", model).modules())
-    switch = _DraftingSwitch(states, swaps, backbone)
+    switch = _DraftingSwitch(states, swaps, backbone, inner_layers)
     try:
         switch(False)
         yield switch
@@ -88,6 +90,11 @@ def adapters_for_drafting(model, adapter_name, bypass=False):
         for layer, (disabled, active) in saved.items():
             layer._disable_adapters = disabled
             layer._active_adapter = active
+
+
+def peft_layers(model):
+    """The PEFT layers of `model` (modules with PEFT's adapter switches)."""
+    return [m for m in model.modules() if hasattr(m, "_disable_adapters") and hasattr(m, "_active_adapter")]
 
 
 class _NoAdapters:
@@ -122,7 +129,7 @@ def _layer_states(layer, disabled, active, adapter_name):
 class _DraftingSwitch:
     """`set_drafting(drafting, only_at=None)` of `adapters_for_drafting` (see there)."""
 
-    def __init__(self, states, swaps, backbone):
+    def __init__(self, states, swaps, backbone, inner_layers):
         self.states, self.swaps = states, swaps
         self.gates = []
         # Trainable-tokens layers computed sparsely while drafting: those embeddings can be limited to positions.
@@ -138,7 +145,7 @@ class _DraftingSwitch:
         # (setting ~200 module attributes twice a cycle costs a few ms on a CPU).
         covered = {"off": set(), "full": set(), "gated": set()}
         for _, _, wrapper, _, full_module, gated_module in swaps:
-            inner = {m for m in wrapper.modules() if m in states}
+            inner = inner_layers[wrapper]  # the PEFT layers inside the wrapper
             gated_in_use = full_module if isinstance(full_module, DraftTokenEmbedding) else gated_module
             covered["off"] |= inner
             covered["full"] |= inner if full_module is not wrapper else set()
@@ -303,11 +310,24 @@ class GatedDraftLoRALinear(nn.Module):
             dropout = wrapper.lora_dropout[n]
             if not isinstance(dropout, nn.Identity) and (dropout.training and getattr(dropout, "p", 0) > 0):
                 return None
-        return cls(base, [(wrapper.lora_A[n], wrapper.lora_B[n], wrapper.scaling[n]) for n in names], names)
+        terms = [(wrapper.lora_A[n], wrapper.lora_B[n], wrapper.scaling[n]) for n in names]
+        # Kept on the wrapper (outside its submodules: not in any state dict) and reused while its parts are the
+        # same; building 210 modules per generate() call cost ~30 ms on the demo.
+        kept = wrapper.__dict__.get(GATED_MODULE_ATTRIBUTE)
+        if kept is not None and kept.base is base and kept.terms == terms and kept.adapter_names == tuple(names):
+            kept.reset()
+            return kept
+        module = cls(base, terms, names)
+        wrapper.__dict__[GATED_MODULE_ATTRIBUTE] = module
+        return module
+
+    def reset(self):
+        """For a new generate() call: no gate, stacks rebuilt from the adapter's current weights when first used."""
+        self.gate, self._stacked = None, None
 
     def stacked(self):
-        """(A', B'), stacked at the first gated forward of a generate() call (this module lives for one call, so
-        they follow the adapter's current weights; calls that never gate never pay for them)."""
+        """(A', B'), stacked at the first gated forward of a generate() call (`reset` at each call, so they follow
+        the adapter's current weights; calls that never gate never pay for them)."""
         if self._stacked is None:
             with torch.no_grad():
                 lora_a = torch.cat([a.weight.to(self.low_rank_dtype) for a, _, _ in self.terms])
@@ -325,26 +345,47 @@ class GatedDraftLoRALinear(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- merged draft weights
-# Where merged draft weights are kept: on the LoRA layer itself, {adapter names: (freshness key, weight)}.
+# The drafting modules built for a LoRA wrapper, kept in its __dict__ (not as submodules) for the next call.
+GATED_MODULE_ATTRIBUTE = "_nemotron_diffusion_gated_module"
+MERGED_MODULE_ATTRIBUTE = "_nemotron_diffusion_merged_module"
+# Where merged draft weights are kept: on the LoRA layer itself, {"format": weight format, "weights": {adapter
+# names: (freshness key, weight)}}.
 MERGED_DRAFT_ATTRIBUTE = "_nemotron_diffusion_merged_draft"
+# Formats of the kept weights: None (the base weight's dtype: a draft forward computes exactly what PEFT's LoRA
+# computes, to rounding) or "int8" (weight-only int8, one scale per output channel; CPU only).
+MERGED_DRAFT_FORMATS = (None, "int8")
 
 
-def enable_merged_drafter(model, adapter_name=None):
+def enable_merged_drafter(model, adapter_name=None, weight_format=None):
     """Keeps, for every LoRA linear layer of the drafter, a merged copy of its weight W + ΔW (ΔW = PEFT's
-    `get_delta_weight`, summed over the drafting adapters), in the base weight's dtype and device. Draft forwards
-    that apply the drafter at every position (LinearSpec's drafts, diffusion's denoising) then cost exactly a
-    forward of the base model: `F.linear(x, W + ΔW)` instead of `W x + B(A x)` with PEFT's per-layer work (on the
-    demo in bf16 on a CPU, a draft forward costs about 30% more than a base forward with PEFT's LoRA, the same with
-    merged weights). Verification and AR steps keep the base weights (lossless), and QuadraticSpec's mask-only
-    drafting keeps the LoRA path (a merged weight cannot be limited to positions).
+    `get_delta_weight`, summed over the drafting adapters), on the base weight's device. Draft forwards that apply
+    the drafter at every position (LinearSpec's drafts, diffusion's denoising) then cost a forward of the base
+    model: `F.linear(x, W + ΔW)` instead of `W x + B(A x)` with PEFT's per-layer work (on the demo in bf16 on a CPU,
+    a draft forward costs about 30% more than a base forward with PEFT's LoRA, the same with merged weights).
+    Verification and AR steps keep the base weights (lossless), and QuadraticSpec's mask-only drafting keeps the
+    LoRA path (a merged weight cannot be limited to positions).
 
-    The price is memory: one more copy of each adapted linear weight (for the 135M demo with LoRA on every linear,
-    about 212 MB in bf16; for an 8B model with LoRA on every linear, most of its size). A copy is recomputed when
-    the adapter's or the base's weights change (training, `.to()`); `disable_merged_drafter` frees them.
+    `weight_format`:
+
+    * None: the merged weight in the base weight's dtype; a draft forward computes what PEFT's LoRA computes (to
+      rounding). Memory: one more copy of each adapted weight (the 135M demo with LoRA on every linear: ~212 MB in
+      bf16; an 8B model: most of its size).
+    * "int8" (CPU only): the merged weight quantized to int8 with one scale per output channel, computed by
+      torch's weight-only int8 kernel (`torch.ops.aten._weight_int8pack_mm`). Half the memory of a bf16 copy, and a
+      cheaper draft forward where reading the weights is what a forward costs (a CPU at a few query tokens: on the
+      demo, the linears of a 4-token draft forward take ~0.65x their bf16 time). Drafts differ slightly from the
+      unquantized drafter's; the verifier is still the base model, so self-speculation stays lossless and only
+      acceptance can change (measured in `docs/cpu-performance.md`). Diffusion's denoising forwards use it too.
+      Kept weights are recomputed in the base dtype where the base weights have moved off the CPU.
+
+    A copy is recomputed when the adapter's or the base's weights change (training, `.to()`);
+    `disable_merged_drafter` frees them.
 
     `adapter_name`: the drafter (default: the model's `generation_config.drafter_adapter`; None there means every
     adapter). Only plain LoRA on `nn.Linear` with a floating-point weight is merged (no DoRA or other variant, no
     quantized base); other layers keep PEFT's computation. Returns the number of layers kept merged."""
+    if weight_format not in MERGED_DRAFT_FORMATS:
+        raise ValueError(f"weight_format={weight_format!r} is invalid; allowed: {list(MERGED_DRAFT_FORMATS)}")
     if adapter_name is None:
         adapter_name = getattr(getattr(model, "generation_config", None), "drafter_adapter", None)
     if isinstance(adapter_name, str):
@@ -356,7 +397,7 @@ def enable_merged_drafter(model, adapter_name=None):
                 f"enable_merged_drafter: adapter_name={adapter_name!r} is not a LoRA adapter of this model; found "
                 f"{sorted(known)}."
             )
-    count = 0
+    layers = []
     for module in model.modules():
         if not hasattr(module, "lora_A") or not hasattr(module, "get_delta_weight"):
             continue
@@ -364,10 +405,16 @@ def enable_merged_drafter(model, adapter_name=None):
         names = [n for n in names if n in module.lora_A]
         base = peft_base_module(module)
         if names and MergedDraftLinear.mergeable(module, base, names):
-            setattr(module, MERGED_DRAFT_ATTRIBUTE, {})
-            MergedDraftLinear.merged_weight(module, base, names)
-            count += 1
-    return count
+            layers.append((module, base, names))
+    if weight_format == "int8":
+        devices = sorted({str(base.weight.device) for _, base, _ in layers if not int8_supported(base.weight.device)})
+        if devices:
+            raise ValueError(f"weight_format='int8' needs torch's weight-only int8 kernel (CPU in this build); the "
+                             f"drafter's weights are on {devices}. Use weight_format=None there.")
+    for module, base, names in layers:
+        setattr(module, MERGED_DRAFT_ATTRIBUTE, {"format": weight_format, "weights": {}})
+        MergedDraftLinear.merged_weight(module, base, names)
+    return len(layers)
 
 
 def disable_merged_drafter(model):
@@ -375,15 +422,17 @@ def disable_merged_drafter(model):
     for module in model.modules():
         if hasattr(module, MERGED_DRAFT_ATTRIBUTE):
             delattr(module, MERGED_DRAFT_ATTRIBUTE)
+        module.__dict__.pop(MERGED_MODULE_ATTRIBUTE, None)
 
 
 class MergedDraftLinear(nn.Module):
-    """A LoRA layer's drafting computation with the adapter merged into a kept weight: `F.linear(x, W + ΔW, b)`."""
+    """A LoRA layer's drafting computation with the adapter merged into a kept weight: `F.linear(x, W + ΔW, b)`,
+    or its int8 form (`enable_merged_drafter(weight_format="int8")`)."""
 
-    def __init__(self, base: nn.Linear, weight: torch.Tensor):
+    def __init__(self, base: nn.Linear, weight):
         super().__init__()
         self.base = base
-        self.weight = weight  # [out, in], base dtype
+        self.weight = weight  # [out, in] in the base dtype, or (int8 [out, in], scales [out])
 
     @staticmethod
     def mergeable(wrapper, base, names):
@@ -411,13 +460,17 @@ class MergedDraftLinear(nn.Module):
         kept = getattr(wrapper, MERGED_DRAFT_ATTRIBUTE)
         names = tuple(sorted(names))
         key = cls._key(wrapper, base, names)
-        if names not in kept or kept[names][0] != key:
+        weights = kept["weights"]
+        if names not in weights or weights[names][0] != key:
             with torch.no_grad():
                 weight = base.weight.float()
                 for n in names:
                     weight = weight + wrapper.get_delta_weight(n).float()
-            kept[names] = (key, weight.to(base.weight.dtype))
-        return kept[names][1]
+                weight = weight.to(base.weight.dtype)
+            if kept["format"] == "int8" and int8_supported(weight.device):
+                weight = quantize_int8(weight)
+            weights[names] = (key, weight)
+        return weights[names][1]
 
     @classmethod
     def for_wrapper(cls, wrapper, base, drafting_names):
@@ -428,19 +481,28 @@ class MergedDraftLinear(nn.Module):
         names = [n for n in _as_list(drafting_names) if n in wrapper.lora_A]
         if not names or not cls.mergeable(wrapper, base, names):
             return None
-        return cls(base, cls.merged_weight(wrapper, base, names))
+        weight = cls.merged_weight(wrapper, base, names)
+        kept = wrapper.__dict__.get(MERGED_MODULE_ATTRIBUTE)  # reused while it computes with the same kept weight
+        if kept is None or kept.base is not base or kept.weight is not weight:
+            kept = wrapper.__dict__[MERGED_MODULE_ATTRIBUTE] = cls(base, weight)
+        return kept
 
     def forward(self, x):
-        return nn.functional.linear(x, self.weight, self.base.bias)
+        if isinstance(self.weight, torch.Tensor):
+            return F.linear(x, self.weight, self.base.bias)
+        out = int8_linear(x, *self.weight)
+        return out if self.base.bias is None else out + self.base.bias.to(out.dtype)
 
 
 __all__ = [
     "DraftTokenEmbedding",
     "GatedDraftLoRALinear",
+    "MERGED_DRAFT_FORMATS",
     "MergedDraftLinear",
     "adapters_for_drafting",
     "disable_merged_drafter",
     "enable_merged_drafter",
     "peft_base_module",
+    "peft_layers",
     "wrapper_swaps",
 ]

@@ -38,14 +38,19 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
 from .cache_nemotron_diffusion import is_static_cache, keep_chunk_entries, rewind_cache
-from .drafting_nemotron_diffusion import adapters_for_drafting, disable_merged_drafter, enable_merged_drafter
+from .drafting_nemotron_diffusion import (
+    adapters_for_drafting,
+    disable_merged_drafter,
+    enable_merged_drafter,
+    peft_layers,
+)
 from .generation_config_nemotron_diffusion import (
     DECODE_MODES,
     GENERATION_FIELDS,
     NemotronDiffusionGenerationConfig,
     mode_field,
 )
-from .head_nemotron_diffusion import apply_head
+from .head_nemotron_diffusion import Int8DraftHead, apply_head
 from .rows_nemotron_diffusion import Rows
 from .sampling_nemotron_diffusion import (
     PREFIX_FREE_PROCESSORS,
@@ -76,6 +81,9 @@ logger = logging.get_logger(__name__)
 
 _GENERATION_LOCKS = weakref.WeakKeyDictionary()
 _LOCKS_LOCK = threading.Lock()
+
+
+_BLOCK_MODES = ("diffusion", "linear_spec", "quadratic_spec")
 
 
 def _generation_lock(model):
@@ -189,7 +197,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         validate_generate_inputs(prompt, kwargs.get("attention_mask"), self.config)
         passed = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
         adapter = mode_field("drafter_adapter", kwargs, passed, self.generation_config)
-        if adapter is None and any(hasattr(m, "_disable_adapters") for m in self.modules()):
+        if adapter is None and peft_layers(self):
             logger.warning_once(
                 "generate(): PEFT adapters are attached and `drafter_adapter` is None, so every adapter is treated "
                 "as the drafter: it runs only in draft forwards, never in AR steps or verification. For a task "
@@ -197,21 +205,28 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             )
         if not (adapter is None or adapter is False or isinstance(adapter, str)):
             adapter = None  # an invalid value is named by the config's validation
-        with _generation_lock(self), adapters_for_drafting(self, adapter):
+        # The block loops run every forward inside their own switch (`_sample`); the other paths inside this one.
+        block_mode = mode_field("decode_mode", kwargs, passed, self.generation_config) in _BLOCK_MODES
+        with _generation_lock(self), contextlib.nullcontext() if block_mode else adapters_for_drafting(self, adapter):
             return super().generate(*args, **kwargs)
 
-    def enable_merged_drafter(self, adapter_name=None):
+    def enable_merged_drafter(self, adapter_name=None, weight_format=None):
         """Keeps merged draft weights (W + ΔW per LoRA linear of the drafter) so that draft forwards which apply
         the drafter everywhere (LinearSpec, diffusion) cost a base forward, at the price of one more copy of each
-        adapted weight in memory. Causal forwards keep the base weights. See
-        `drafting_nemotron_diffusion.enable_merged_drafter`; returns the number of layers merged."""
+        adapted weight in memory. Causal forwards keep the base weights. `weight_format="int8"` (CPU) keeps them
+        as weight-only int8, and the LM head of draft forwards too (`Int8DraftHead`): cheaper draft forwards,
+        slightly different drafts, still lossless. See `drafting_nemotron_diffusion.enable_merged_drafter`; returns
+        the number of layers merged."""
         with _generation_lock(self):
-            return enable_merged_drafter(self, adapter_name)
+            count = enable_merged_drafter(self, adapter_name, weight_format)
+            self._int8_draft_head = Int8DraftHead(self.diffusion_head) if weight_format == "int8" else None
+            return count
 
     def disable_merged_drafter(self):
         """Frees the weights kept by `enable_merged_drafter`."""
         with _generation_lock(self):
             disable_merged_drafter(self)
+            self._int8_draft_head = None
 
     def _sample(
         self,
@@ -413,8 +428,15 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             set_drafting(False)
 
     def _head(self, hidden):
-        """Logits [..., V] of hidden states [..., H]: the one place the LM head is applied in the block loops."""
+        """Logits [..., V] of hidden states [..., H]: the LM head of the block loops' causal forwards."""
         return apply_head(self.diffusion_head, hidden)
+
+    def _draft_head(self, hidden, set_drafting):
+        """The LM head of draft forwards (LinearSpec's drafts, diffusion's denoising): its int8 copy where the
+        drafter serves the mode (`set_drafting` not None) and the merged drafter is kept as int8
+        (`enable_merged_drafter`), else the head itself."""
+        int8_head = getattr(self, "_int8_draft_head", None)
+        return self._head(hidden) if int8_head is None or set_drafting is None else int8_head(hidden)
 
     def _prefill_prompt(self, rows, cache, is_causal=True):
         """One forward over the prompt that writes the cache; returns the last position's logits [live, V]."""
@@ -477,7 +499,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
                     break
                 with self._drafting(set_drafting):
                     hidden = self._block_forward(rows, cache, block, is_causal=False, update_cache=False)
-                logits = self._head(hidden)
+                logits = self._draft_head(hidden, set_drafting)
                 rows.count_forward(live)
                 candidate_logits = exclude_token(logits, mask_id)
                 if config.max_thinking_tokens is not None:
@@ -501,12 +523,14 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
                 emitted = emitted + rows.emit(shift_left(block, emitted), ready - emitted)
             if not rows.size:
                 break
-            # Every live row completed its block: one forward writes it to the cache and seeds the next block.
-            logits = self._head(self._block_forward(rows, cache, block, is_causal=causal, update_cache=True))
+            # Every live row completed its block: one forward writes it to the cache and seeds the next block (the
+            # head only at the block's last slot: the seed is all it is needed for).
+            hidden = self._block_forward(rows, cache, block, is_causal=causal, update_cache=True)
             rows.count_forward()
             rows.slots.append(torch.full((rows.size,), block_size, dtype=torch.long, device=device))
             if causal:
-                seeds = self._seed_from_logits(rows, logits[:, -1], logits_processor, config, exclude_mask=True)
+                seeds = self._seed_from_logits(rows, self._head(hidden[:, -1]), logits_processor, config,
+                                               exclude_mask=True)
 
     def _inject_thinking_budget(self, rows, block, masked, forbidden, config):
         """Thinking budget inside a diffusion block (in place): if generated index `max_thinking_tokens` falls in
@@ -604,7 +628,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             with self._drafting(set_drafting):
                 hidden = self._block_forward(rows, cache, block, is_causal=False, update_cache=False)
             rows.count_forward(masked.any(dim=1))
-            logits = exclude_token(self._head(hidden[:, 1:]), mask_id)
+            logits = exclude_token(self._draft_head(hidden[:, 1:], set_drafting), mask_id)
             if config.do_sample:
                 probs, tokens = self._sample_drafts(rows, block, masked, logits, logits_processor, prefix_start=1)
                 if threshold is None:

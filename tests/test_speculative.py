@@ -1070,6 +1070,108 @@ def test_gated_draft_lora_equals_peft_with_gate_hooks(monkeypatch, do_sample):
     assert torch.equal(ours.num_forwards, peft_out.num_forwards)
 
 
+def test_quantize_int8_round_trip():
+    """Symmetric per-row int8: every row's largest magnitude maps to +-127, every entry is within half a step of
+    the weight, and `int8_linear` multiplies by exactly the dequantized weight."""
+    from nemotron_diffusion.int8_nemotron_diffusion import int8_linear, quantize_int8
+
+    torch.manual_seed(0)
+    weight = torch.randn(24, 40)
+    weight[3] *= 50.0  # rows of very different scales
+    q, scales = quantize_int8(weight)
+    assert q.dtype == torch.int8 and scales.shape == (24,) and scales.dtype == torch.float32
+    assert torch.equal(q.abs().amax(dim=1), torch.full((24,), 127, dtype=torch.int8))
+    dequantized = q.float() * scales[:, None]
+    assert bool(((dequantized - weight).abs() <= scales[:, None] / 2 + 1e-6).all())
+    x = torch.randn(2, 5, 40)
+    torch.testing.assert_close(int8_linear(x, q, scales), x @ dequantized.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,extra", [("linear_spec", {}), ("linear_spec", {"tree_width": 3}),
+                                        ("linear_spec", {"do_sample": True, "temperature": 0.8}),
+                                        ("diffusion", {"confidence_threshold": 0.5})])
+def test_int8_merged_drafter_drafts_with_int8_weights_and_stays_lossless(mode, extra):
+    """`weight_format="int8"`: draft forwards run no LoRA module and compute the int8 form of the merged weights
+    (close to PEFT's, not equal); the verifier keeps the base weights, so greedy LinearSpec still returns the AR
+    tokens, and the kept weights are int8."""
+    from nemotron_diffusion.drafting_nemotron_diffusion import MERGED_DRAFT_ATTRIBUTE
+
+    model = _mask_embedding_drafter()
+    model.generation_config.drafter_adapter = "drafter"
+    model.generation_config.drafter_modes = ["linear_spec", "diffusion", "quadratic_spec"]
+    ids, mask = random_batch(15, [6, 9, 4], 40)
+    kwargs = dict(max_new_tokens=20, block_size=5, eos_token_id=None, **extra)
+    torch.manual_seed(3)
+    peft_hidden, _, peft_out = _draft_hiddens(model, ids, mask, mode, **kwargs)
+    count = model.enable_merged_drafter(weight_format="int8")
+    try:
+        assert count == len([m for m in lora_layers(model) if hasattr(m, "lora_A")])
+        kept = [getattr(m, MERGED_DRAFT_ATTRIBUTE) for m in model.modules() if hasattr(m, MERGED_DRAFT_ATTRIBUTE)]
+        assert len(kept) == count and all(k["format"] == "int8" for k in kept)
+        assert all(w[1][0].dtype == torch.int8 for k in kept for w in k["weights"].values())
+        torch.manual_seed(3)
+        int8_hidden, int8_ran, int8_out = _draft_hiddens(model, ids, mask, mode, **kwargs)
+    finally:
+        model.disable_merged_drafter()
+    assert int8_ran and all(not ran for ran in int8_ran)
+    # Same first draft forward input (the prompt's cache and seeds come from base forwards): int8 rounding only.
+    first_peft, first_int8 = peft_hidden[0], int8_hidden[0]
+    assert not torch.equal(first_int8, first_peft)
+    assert float((first_int8 - first_peft).norm() / first_peft.norm()) < 0.05
+    if mode == "linear_spec" and not extra.get("do_sample"):
+        ar = _gen(model, ids, mask, "ar", max_new_tokens=20, eos_token_id=None)
+        assert torch.equal(int8_out.sequences, ar.sequences)
+    assert int8_out.sequences.shape == peft_out.sequences.shape
+
+
+def test_int8_draft_head_serves_the_drafters_draft_forwards_only(monkeypatch):
+    """The int8 copy of the LM head computes the logits of draft forwards in modes the drafter serves (LinearSpec's
+    drafts here), never those of causal forwards, and not diffusion's when the drafter does not serve diffusion.
+    Its logits are close to the head's, and it follows a changed head weight."""
+    from nemotron_diffusion.head_nemotron_diffusion import Int8DraftHead
+
+    calls = []
+    original = Int8DraftHead.__call__
+    monkeypatch.setattr(Int8DraftHead, "__call__", lambda self, hidden: calls.append(hidden.shape) or
+                        original(self, hidden))
+    model = _mask_embedding_drafter()
+    model.generation_config.drafter_adapter = "drafter"
+    model.generation_config.drafter_modes = ["linear_spec"]
+    ids, mask = random_batch(16, [6, 9], 40)
+    model.enable_merged_drafter(weight_format="int8")
+    try:
+        out = _gen(model, ids, mask, "linear_spec", max_new_tokens=12, block_size=4, eos_token_id=None)
+        drafts = len(calls)
+        assert drafts > 0 and all(len(shape) == 3 and shape[1] <= 3 for shape in calls)  # slots 1..B-1 only
+        ar = _gen(model, ids, mask, "ar", max_new_tokens=12, eos_token_id=None)
+        assert torch.equal(out.sequences, ar.sequences)
+        _gen(model, ids, mask, "diffusion", max_new_tokens=8, block_size=4, eos_token_id=None)
+        assert len(calls) == drafts
+        head = model._int8_draft_head
+        hidden = torch.randn(3, model.config.hidden_size)
+        logits = model.diffusion_head(hidden)
+        assert float((head(hidden) - logits).norm() / logits.norm()) < 0.02
+        with torch.no_grad():
+            model.diffusion_head.weight.mul_(2.0)
+        torch.testing.assert_close(head(hidden), 2 * logits, rtol=0.05, atol=0.05 * float(logits.abs().max()))
+    finally:
+        model.disable_merged_drafter()
+    assert model._int8_draft_head is None
+
+
+def test_merged_drafter_weight_format_is_validated(monkeypatch):
+    from nemotron_diffusion import drafting_nemotron_diffusion as drafting
+
+    model = _mask_embedding_drafter()
+    with pytest.raises(ValueError, match=r"weight_format='int4' is invalid; allowed: \[None, 'int8'\]"):
+        model.enable_merged_drafter(weight_format="int4")
+    monkeypatch.setattr(drafting, "int8_supported", lambda device: False)
+    with pytest.raises(ValueError, match=r"weight_format='int8' needs torch's weight-only int8 kernel .* on "
+                                         r"\['cpu'\]"):
+        model.enable_merged_drafter(weight_format="int8")
+    assert not any(hasattr(m, drafting.MERGED_DRAFT_ATTRIBUTE) for m in model.modules())
+
+
 def test_merged_drafter_of_an_unknown_adapter_is_refused():
     model = _mask_embedding_drafter()
     with pytest.raises(ValueError, match=r"adapter_name='nope' is not a LoRA adapter of this model; found "
