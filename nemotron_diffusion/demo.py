@@ -146,23 +146,26 @@ def attach_drafter(model, folder, adapter_name: str = "drafter", merged=None):
 
     from peft import PeftModel
 
+    settings = Path(folder) / DRAFTER_SETTINGS_FILE
+    settings = json.loads(settings.read_text()) if settings.is_file() else {}
+    source = "merged"
+    if merged is None:
+        merged, source = settings.get("merged_drafter", False), f"{DRAFTER_SETTINGS_FILE}: merged_drafter"
+    if merged not in (True, False, "int8"):
+        raise ValueError(f"{source}={merged!r} is invalid; allowed: True, False, 'int8'")
     with warnings.catch_warnings():  # PEFT reads transformers' deprecated `is_gradient_checkpointing`
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         wrapped = PeftModel.from_pretrained(model, folder, adapter_name=adapter_name)
     model = wrapped.base_model.model.eval()
     model.generation_config.drafter_adapter = adapter_name
-    settings = Path(folder) / DRAFTER_SETTINGS_FILE
-    settings = json.loads(settings.read_text()) if settings.is_file() else {}
     if "drafter_modes" in settings:
         model.generation_config.drafter_modes = list(settings["drafter_modes"])
         model.generation_config.validate_mode_fields()
-    if merged is None:
-        merged = settings.get("merged_drafter", False)
-    if merged not in (True, False, "int8"):
-        raise ValueError(f"merged={merged!r} is invalid; allowed: True, False, 'int8'")
     if merged:
-        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-        model.enable_merged_drafter(adapter_name, weight_format="int8" if merged == "int8" and on_cpu else None)
+        from .int8_nemotron_diffusion import int8_supported
+
+        int8 = merged == "int8" and all(int8_supported(p.device) for p in model.parameters())
+        model.enable_merged_drafter(adapter_name, weight_format="int8" if int8 else None)
     return model
 
 

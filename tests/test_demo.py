@@ -70,3 +70,37 @@ def test_demo_self_speculation_equals_ar():
     assert tokenizer.decode(ar[0, ids.shape[1]:], skip_special_tokens=True).strip()
     # The trained drafter needs fewer forwards than drafting with the bare base weights.
     assert int(linear.num_forwards[0]) < int(undrafted.num_forwards[0])
+
+
+def test_attach_drafter_merged_formats(tmp_path):
+    """attach_drafter's `merged`: "int8" keeps int8 merged draft weights and the int8 draft head (on a CPU), the
+    folder's drafter_settings.json decides when it is None, and an invalid value is refused before the model is
+    touched."""
+    import peft
+
+    from conftest import tiny_model
+    from nemotron_diffusion.drafting_nemotron_diffusion import MERGED_DRAFT_ATTRIBUTE
+    from nemotron_diffusion.training import add_drafter_adapter
+
+    add_drafter_adapter(tiny_model(0), r=4, adapter_name="drafter").save_pretrained(tmp_path / "adapter")
+    folder = tmp_path / "adapter" / "drafter"
+    folder = folder if folder.is_dir() else tmp_path / "adapter"
+
+    def formats(model):
+        kept = [getattr(m, MERGED_DRAFT_ATTRIBUTE) for m in model.modules() if hasattr(m, MERGED_DRAFT_ATTRIBUTE)]
+        return {k["format"] for k in kept}
+
+    model = demo.attach_drafter(tiny_model(0), folder, merged="int8")
+    assert formats(model) == {"int8"} and model._int8_draft_head is not None
+    assert formats(demo.attach_drafter(tiny_model(0), folder, merged=True)) == {None}
+    assert formats(demo.attach_drafter(tiny_model(0), folder)) == set()  # no settings file: PEFT's LoRA
+    (folder / demo.DRAFTER_SETTINGS_FILE).write_text(json.dumps({"merged_drafter": "int8"}))
+    assert formats(demo.attach_drafter(tiny_model(0), folder)) == {"int8"}
+
+    fresh = tiny_model(0)
+    with pytest.raises(ValueError, match=r"^merged='int4' is invalid; allowed: True, False, 'int8'$"):
+        demo.attach_drafter(fresh, folder, merged="int4")
+    (folder / demo.DRAFTER_SETTINGS_FILE).write_text(json.dumps({"merged_drafter": "yes"}))
+    with pytest.raises(ValueError, match=r"drafter_settings.json: merged_drafter='yes' is invalid"):
+        demo.attach_drafter(fresh, folder)
+    assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in fresh.modules())
