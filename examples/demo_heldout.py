@@ -1,6 +1,6 @@
 """Held-out measurement of the demo: speed of every decoding mode against stock transformers on the same weights.
 
-    python examples/demo_heldout.py [--prompts 12] [--max-new-tokens 96] [--configs ar,linear_spec:4:w3,diffusion:4:t0.5]
+    python examples/demo_heldout.py [--prompts 12] [--max-new-tokens 96] [--configs ar,linear_spec:4:w3,diffusion:4:t0.5,linear_spec:4:m]
                                     [--dtype auto|bfloat16|float32] [--batch 4] [--drafter PATH|none]
                                     [--threads 1] [--time-limit S] [--out PREFIX]
 
@@ -16,6 +16,9 @@ share, to see degenerate text). The table reports medians over prompts.
 In float32 both self-speculative modes must return exactly the AR tokens on every prompt (the script exits
 non-zero otherwise). In bfloat16 a K-token verify and a one-token AR step may round differently: the agreement
 is reported, not required. `--batch N` adds a left-padded batch of N prompts per group against batched stock.
+A `:m` suffix (linear_spec, diffusion) runs that configuration on a second copy of the demo whose drafter keeps
+its merged weights in the model's dtype instead of what the drafter's settings ask for (int8 on a CPU), so the two
+kinds of draft weights are compared in one interleaved run.
 """
 
 import argparse
@@ -45,9 +48,10 @@ STOCK = "stock"
 
 
 def parse_configs(text):
-    """'ar,linear_spec:8:w3,diffusion:4:t0.5' -> [("ar", None, None, None), ("linear_spec", 8, 3, None),
-    ("diffusion", 4, None, 0.5)]: (mode, block size, verify-tree width, diffusion confidence threshold); AR is
-    always measured."""
+    """'ar,linear_spec:8:w3,diffusion:4:t0.5:m' -> [("ar", None, None, None, False), ("linear_spec", 8, 3, None,
+    False), ("diffusion", 4, None, 0.5, True)]: (mode, block size, verify-tree width, diffusion confidence
+    threshold, whether the draft weights are merged in the model's dtype instead of the drafter's settings (`:m`,
+    int8 for the demo on a CPU)); AR is always measured."""
     configs = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
@@ -55,9 +59,11 @@ def parse_configs(text):
         mode, *parts = item.split(":")
         if mode not in DECODE_MODES:
             raise SystemExit(f"--configs: mode {mode!r} is invalid; allowed: {', '.join(DECODE_MODES)}")
-        size, width, threshold = None, None, None
+        size, width, threshold, dense = None, None, None, False
         for part in parts[1:]:
-            if part.startswith("w") and part[1:].isdigit() and mode == "linear_spec":
+            if part == "m" and mode in ("linear_spec", "diffusion"):
+                dense = True
+            elif part.startswith("w") and part[1:].isdigit() and mode == "linear_spec":
                 width = int(part[1:])
             elif part.startswith("t") and mode == "diffusion":
                 try:
@@ -65,8 +71,9 @@ def parse_configs(text):
                 except ValueError:
                     raise SystemExit(f"--configs: {item!r}: threshold {part[1:]!r} is not a number") from None
             else:
-                raise SystemExit(f"--configs: {item!r}: write linear_spec:B:wN (a tree of width N) or "
-                                 f"diffusion:B:tX (confidence threshold X)")
+                raise SystemExit(f"--configs: {item!r}: write linear_spec:B:wN (a tree of width N), "
+                                 f"diffusion:B:tX (confidence threshold X), and :m for draft weights merged in "
+                                 f"the model's dtype")
         if mode != "ar":
             try:
                 size = int(parts[0] if parts and parts[0] else 8)
@@ -76,21 +83,22 @@ def parse_configs(text):
                 raise SystemExit(f"--configs: block size {size} of {mode} must be >= 2")
         if mode == "diffusion" and threshold is None:
             threshold = CONFIDENCE_THRESHOLD
-        if (mode, size, width, threshold) not in configs:
-            configs.append((mode, size, width, threshold))
-    return [("ar", None, None, None)] + [c for c in configs if c[0] != "ar"]
+        if (mode, size, width, threshold, dense) not in configs:
+            configs.append((mode, size, width, threshold, dense))
+    return [("ar", None, None, None, False)] + [c for c in configs if c[0] != "ar"]
 
 
 def label(config):
-    mode, size, width, threshold = config
+    mode, size, width, threshold, dense = config
     text = mode if size is None else f"{mode} B={size}"
     if threshold is not None:
         text = f"{text} threshold {threshold:g}"
-    return text if width is None else f"{text} tree {width}x{TREE_SLOTS}"
+    text = text if width is None else f"{text} tree {width}x{TREE_SLOTS}"
+    return f"{text}, merged drafter in the model's dtype" if dense else text
 
 
 def generate_kwargs(config, max_new_tokens, eos):
-    mode, size, width, threshold = config
+    mode, size, width, threshold, _ = config
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "decode_mode": mode,
               "return_dict_in_generate": True, "eos_token_id": eos}
     if size is not None:
@@ -126,7 +134,7 @@ def strip_eos(tokens, eos):
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
 
-def measure(model, stock, prompts, configs, max_new_tokens, eos, pad):
+def measure(model, stock, prompts, configs, max_new_tokens, eos, pad, dense_model=None):
     """One row per prompt group: {config label: measurements}; stock first, then ours in the given order."""
     if len(prompts) == 1:
         ids, mask = torch.tensor([prompts[0]]), None
@@ -140,8 +148,8 @@ def measure(model, stock, prompts, configs, max_new_tokens, eos, pad):
                                                                    out[:, ids.shape[1]:].tolist()]}
     for config in configs:
         start = time.perf_counter()
-        out = model.generate(ids, attention_mask=mask, pad_token_id=pad,
-                             **generate_kwargs(config, max_new_tokens, eos))
+        out = (dense_model if config[4] else model).generate(ids, attention_mask=mask, pad_token_id=pad,
+                                                             **generate_kwargs(config, max_new_tokens, eos))
         seconds = time.perf_counter() - start
         row[label(config)] = {"seconds": seconds, "forwards": out.num_forwards.tolist(),
                               "new": [strip_eos(r, eos) for r in out.sequences[:, ids.shape[1]:].tolist()]}
@@ -222,6 +230,12 @@ def main(argv=None):
 
         model = attach_drafter(model, args.drafter)
     stock = native_twin(model, base_module=peft_base_module)
+    dense_model = None
+    if any(c[4] for c in configs):  # a second copy of the demo whose drafter keeps merged weights in its dtype
+        from nemotron_diffusion.demo import attach_drafter, demo_drafter_path
+
+        dense_model, _ = load_demo(drafter=False, dtype=dtype)
+        dense_model = attach_drafter(dense_model, args.drafter or demo_drafter_path(), merged=True)
     eos = model.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -231,13 +245,13 @@ def main(argv=None):
     names = [STOCK] + [label(c) for c in configs]
 
     with torch.no_grad():  # warm-up
-        measure(model, stock, prompts[:1], configs, 4, eos, pad)
+        measure(model, stock, prompts[:1], configs, 4, eos, pad, dense_model)
     rows = []
     for i, prompt in enumerate(prompts):
         if args.time_limit is not None and rows and time.perf_counter() - started > args.time_limit:
             print(f"--time-limit reached: {len(rows)} of {len(prompts)} prompts measured", flush=True)
             break
-        row = measure(model, stock, [prompt], configs, args.max_new_tokens, eos, pad)
+        row = measure(model, stock, [prompt], configs, args.max_new_tokens, eos, pad, dense_model)
         rows.append(row)
         print(f"prompt {i + 1}/{len(prompts)} ({sources[i]}, {len(prompt)} tokens): " + ", ".join(
             f"{k} {v['tok_s']:.1f} tok/s" + ("" if k == STOCK else f" {v.get('tokens_per_forward', 0):.2f}/fwd")
@@ -246,7 +260,7 @@ def main(argv=None):
     if args.batch > 1:
         for start in range(0, len(rows) - args.batch + 1, args.batch):
             group = prompts[start : start + args.batch]
-            batch_rows.append(measure(model, stock, group, configs, args.max_new_tokens, eos, pad))
+            batch_rows.append(measure(model, stock, group, configs, args.max_new_tokens, eos, pad, dense_model))
             print(f"batch of {args.batch} (prompts {start + 1}-{start + args.batch}): " + ", ".join(
                 f"{k} {v['tok_s']:.1f} tok/s" for k, v in batch_rows[-1].items()), flush=True)
 
