@@ -150,7 +150,9 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             prepared, overrides, generation_config, self.generation_config
         )
         resolved.validate_for_model(self.config)
-        validate_generation_settings(resolved, self.config)
+        # Fields this call set (keyword arguments, a passed config); the model's saved defaults are not the call's.
+        set_by_call = set(overrides) | (set(vars(generation_config)) if generation_config is not None else set())
+        validate_generation_settings(resolved, self.config, set_by_call)
         return resolved, model_kwargs
 
     def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):

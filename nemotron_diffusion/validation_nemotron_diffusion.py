@@ -103,8 +103,11 @@ _MODE_ONLY_FIELDS = {
 }
 
 
-def validate_generation_settings(generation_config, model_config):
-    """The resolved generation config (mode fields already checked by the mode's own validation)."""
+def validate_generation_settings(generation_config, model_config, set_by_call=None):
+    """The resolved generation config (mode fields already checked by the mode's own validation). `set_by_call`:
+    the fields the generate() call itself set; a field that no mode of the call reads is warned about only then (a
+    model's saved generation config may well set diffusion's `confidence_threshold` for every call; None: warn for
+    every field)."""
     validate_model_config(model_config)
     mode = getattr(generation_config, "decode_mode", "ar")
     max_new_tokens = generation_config.max_new_tokens
@@ -124,7 +127,7 @@ def validate_generation_settings(generation_config, model_config):
         )
     for field, (modes, readers) in _MODE_ONLY_FIELDS.items():
         value = getattr(generation_config, field, None)
-        if value is not None and mode not in modes:
+        if value is not None and mode not in modes and (set_by_call is None or field in set_by_call):
             warnings.warn(
                 f"`{field}`={value!r} does not apply to decode_mode={mode!r} (only {readers} read it); it is ignored.",
                 UserWarning,

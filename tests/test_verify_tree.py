@@ -247,3 +247,22 @@ def test_teacher_forced_tree_acceptance_matches_the_decoder(width, slots):
     _, length, _ = tree.accept_greedy(tokens, targets)
     assert torch.equal(length - 1, expected)
     assert (expected >= (ranks == 0).long().cumprod(1).sum(1)).all()
+
+
+def test_a_saved_default_for_another_mode_does_not_warn():
+    """A model whose saved generation config sets a LinearSpec field (here `tree_width`) generates in other modes
+    without a warning: the call did not set it. Passing it in the call still warns."""
+    import warnings
+
+    model = pool()[0]
+    ids, mask = random_batch(2, [3], model.config.vocab_size)
+    model.generation_config.tree_width = 2
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            generate(model, ids, mask, "quadratic_spec", max_new_tokens=3)
+            generate(model, ids, mask, "ar", max_new_tokens=3)
+        with pytest.warns(UserWarning, match=r"`tree_width`=3 does not apply to decode_mode='ar'"):
+            generate(model, ids, mask, "ar", max_new_tokens=3, tree_width=3)
+    finally:
+        del model.generation_config.tree_width
