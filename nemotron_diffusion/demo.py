@@ -138,8 +138,8 @@ def attach_drafter(model, folder, adapter_name: str = "drafter", merged=None):
     only, every causal forward with the base weights.
 
     `merged`: keep merged draft weights (`model.enable_merged_drafter`: draft forwards at a base forward's cost, one
-    more copy of each adapted weight in memory): True (in the base dtype), "int8" (weight-only int8 on a CPU:
-    cheaper draft forwards; the base dtype on other devices), False (PEFT's LoRA in draft forwards). None takes the
+    more copy of each adapted weight in memory): True (in the base dtype), "int8" (weight-only int8 for a bfloat16
+    model on a CPU: cheaper draft forwards; the base dtype elsewhere), False (PEFT's LoRA in draft forwards). None takes the
     folder's `drafter_settings.json` ("merged_drafter": "int8" for the demo's 135M model), else False."""
     import json
     import warnings
@@ -153,6 +153,11 @@ def attach_drafter(model, folder, adapter_name: str = "drafter", merged=None):
         merged, source = settings.get("merged_drafter", False), f"{DRAFTER_SETTINGS_FILE}: merged_drafter"
     if merged not in (True, False, "int8"):
         raise ValueError(f"{source}={merged!r} is invalid; allowed: True, False, 'int8'")
+    # int8 draft weights where they pay off (bf16 on a CPU), judged on the model before the adapter's weights join.
+    from .int8_nemotron_diffusion import int8_supported
+
+    int8 = merged == "int8" and all(int8_supported(p.device, p.dtype) for p in model.parameters()
+                                    if p.is_floating_point())
     with warnings.catch_warnings():  # PEFT reads transformers' deprecated `is_gradient_checkpointing`
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         wrapped = PeftModel.from_pretrained(model, folder, adapter_name=adapter_name)
@@ -162,9 +167,6 @@ def attach_drafter(model, folder, adapter_name: str = "drafter", merged=None):
         model.generation_config.drafter_modes = list(settings["drafter_modes"])
         model.generation_config.validate_mode_fields()
     if merged:
-        from .int8_nemotron_diffusion import int8_supported
-
-        int8 = merged == "int8" and all(int8_supported(p.device) for p in model.parameters())
         model.enable_merged_drafter(adapter_name, weight_format="int8" if int8 else None)
     return model
 

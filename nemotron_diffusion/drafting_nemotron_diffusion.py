@@ -370,13 +370,15 @@ def enable_merged_drafter(model, adapter_name=None, weight_format=None):
     * None: the merged weight in the base weight's dtype; a draft forward computes what PEFT's LoRA computes (to
       rounding). Memory: one more copy of each adapted weight (the 135M demo with LoRA on every linear: ~212 MB in
       bf16; an 8B model: most of its size).
-    * "int8" (CPU only): the merged weight quantized to int8 with one scale per output channel, computed by
-      torch's weight-only int8 kernel (`torch.ops.aten._weight_int8pack_mm`). Half the memory of a bf16 copy, and a
+    * "int8" (bfloat16 weights on a CPU): the merged weight quantized to int8 with one scale per output channel,
+      computed by torch's weight-only int8 kernel (`torch.ops.aten._weight_int8pack_mm`; with float32 activations
+      that kernel is far slower than a dense product, `int8_nemotron_diffusion.int8_supported`). Half the memory of a bf16 copy, and a
       cheaper draft forward where reading the weights is what a forward costs (a CPU at a few query tokens: on the
       demo, the linears of a 4-token draft forward take ~0.65x their bf16 time). Drafts differ slightly from the
       unquantized drafter's; the verifier is still the base model, so self-speculation stays lossless and only
       acceptance can change (measured in `docs/cpu-performance.md`). Diffusion's denoising forwards use it too.
-      Kept weights are recomputed in the base dtype where the base weights have moved off the CPU.
+      Kept weights are recomputed in the base dtype where the base weights have moved off the CPU or to
+      another dtype.
 
     A copy is recomputed when the adapter's or the base's weights change (training, `.to()`);
     `disable_merged_drafter` frees them.
@@ -407,10 +409,11 @@ def enable_merged_drafter(model, adapter_name=None, weight_format=None):
         if names and MergedDraftLinear.mergeable(module, base, names):
             layers.append((module, base, names))
     if weight_format == "int8":
-        devices = sorted({str(base.weight.device) for _, base, _ in layers if not int8_supported(base.weight.device)})
-        if devices:
-            raise ValueError(f"weight_format='int8' needs torch's weight-only int8 kernel (CPU in this build); the "
-                             f"drafter's weights are on {devices}. Use weight_format=None there.")
+        found = sorted({f"{str(base.weight.dtype).replace('torch.', '')} on {base.weight.device}"
+                        for _, base, _ in layers if not int8_supported(base.weight.device, base.weight.dtype)})
+        if found:
+            raise ValueError(f"weight_format='int8' pays off for bfloat16 weights on a CPU only; the drafter's weights "
+                             f"are {found}. Use weight_format=None there.")
     for module, base, names in layers:
         setattr(module, MERGED_DRAFT_ATTRIBUTE, {"format": weight_format, "weights": {}})
         MergedDraftLinear.merged_weight(module, base, names)
@@ -467,7 +470,7 @@ class MergedDraftLinear(nn.Module):
                 for n in names:
                     weight = weight + wrapper.get_delta_weight(n).float()
                 weight = weight.to(base.weight.dtype)
-            if kept["format"] == "int8" and int8_supported(weight.device):
+            if kept["format"] == "int8" and int8_supported(weight.device, weight.dtype):
                 weight = quantize_int8(weight)
             weights[names] = (key, weight)
         return weights[names][1]

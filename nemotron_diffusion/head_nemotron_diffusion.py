@@ -25,8 +25,8 @@ class Int8DraftHead:
     `enable_merged_drafter(weight_format="int8")`: drafts need the head's ranking, not its exact logits, and on a
     CPU reading the head's weight is most of its cost at a few rows (the demo's 49k x 576 head: ~7 ms in bf16).
     Causal forwards (AR, verification) never use it. Not a module: it adds nothing to the model's state dict.
-    Recomputed when the head's weight changes; where torch has no int8 kernel for the weight's device (or the head
-    has a bias) it computes the head itself."""
+    Recomputed when the head's weight changes; where int8 does not pay off for the weight's device and dtype
+    (`int8_supported`), or the head has a bias, it computes the head itself."""
 
     def __init__(self, head: nn.Linear):
         self.head = head
@@ -34,7 +34,7 @@ class Int8DraftHead:
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.head.weight
-        if not int8_supported(weight.device) or getattr(self.head, "bias", None) is not None:
+        if not int8_supported(weight.device, weight.dtype) or getattr(self.head, "bias", None) is not None:
             return apply_head(self.head, hidden)
         key = (weight.data_ptr(), weight._version, weight.dtype)
         if key != self._key:

@@ -73,9 +73,9 @@ def test_demo_self_speculation_equals_ar():
 
 
 def test_attach_drafter_merged_formats(tmp_path):
-    """attach_drafter's `merged`: "int8" keeps int8 merged draft weights and the int8 draft head (on a CPU), the
-    folder's drafter_settings.json decides when it is None, and an invalid value is refused before the model is
-    touched."""
+    """attach_drafter's `merged`: "int8" keeps int8 merged draft weights and the int8 draft head for a bf16 model on a
+    CPU (dense merged weights for a float32 one, where int8 does not pay off), the folder's drafter_settings.json
+    decides when it is None, and an invalid value is refused before the model is touched."""
     import peft
 
     from conftest import tiny_model
@@ -90,12 +90,14 @@ def test_attach_drafter_merged_formats(tmp_path):
         kept = [getattr(m, MERGED_DRAFT_ATTRIBUTE) for m in model.modules() if hasattr(m, MERGED_DRAFT_ATTRIBUTE)]
         return {k["format"] for k in kept}
 
-    model = demo.attach_drafter(tiny_model(0), folder, merged="int8")
+    model = demo.attach_drafter(tiny_model(0).to(torch.bfloat16), folder, merged="int8")
     assert formats(model) == {"int8"} and model._int8_draft_head is not None
+    model = demo.attach_drafter(tiny_model(0), folder, merged="int8")
+    assert formats(model) == {None} and model._int8_draft_head is None
     assert formats(demo.attach_drafter(tiny_model(0), folder, merged=True)) == {None}
     assert formats(demo.attach_drafter(tiny_model(0), folder)) == set()  # no settings file: PEFT's LoRA
     (folder / demo.DRAFTER_SETTINGS_FILE).write_text(json.dumps({"merged_drafter": "int8"}))
-    assert formats(demo.attach_drafter(tiny_model(0), folder)) == {"int8"}
+    assert formats(demo.attach_drafter(tiny_model(0).to(torch.bfloat16), folder)) == {"int8"}
 
     fresh = tiny_model(0)
     with pytest.raises(ValueError, match=r"^merged='int4' is invalid; allowed: True, False, 'int8'$"):
