@@ -67,7 +67,7 @@ def main(argv=None):
             ids[:, 1:] = model.config.mask_token_id
         positions = torch.arange(args.prefix, args.prefix + k)[None]
         mask = torch.ones(1, args.prefix + k, dtype=torch.long)
-        with switches[kind](draft, None) if draft else contextlib.nullcontext():
+        with model._drafting(switches[kind] if draft else None):
             hidden = model.encoder(input_ids=ids, attention_mask=mask, position_ids=positions, cache=caches[kind],
                                    use_cache=True, is_causal=not draft, update_cache=False).last_hidden_state
         if draft:
@@ -83,8 +83,7 @@ def main(argv=None):
     with contextlib.ExitStack() as stack, torch.no_grad():
         switches = {}
         for kind, model in models.items():
-            switch = stack.enter_context(adapters_for_drafting(model, "drafter", bypass=True))
-            switches[kind] = _Scoped(switch)
+            switches[kind] = stack.enter_context(adapters_for_drafting(model, "drafter", bypass=True))
         for _ in range(args.rounds + 1):  # the first round warms up
             for label, kind, k, draft in rows:
                 begin = time.perf_counter()
@@ -114,21 +113,6 @@ def main(argv=None):
         with open(args.out + ".md", "w") as f:
             f.write(text)
         print(f"wrote {args.out}.json and {args.out}.md")
-
-
-class _Scoped:
-    """The drafting switch as a context manager: on (everywhere) inside, off on exit."""
-
-    def __init__(self, switch):
-        self.switch = switch
-
-    @contextlib.contextmanager
-    def __call__(self, drafting, only_at):
-        self.switch(drafting, only_at)
-        try:
-            yield
-        finally:
-            self.switch(False)
 
 
 if __name__ == "__main__":

@@ -352,7 +352,7 @@ MERGED_MODULE_ATTRIBUTE = "_nemotron_diffusion_merged_module"
 # names: (freshness key, weight)}}.
 MERGED_DRAFT_ATTRIBUTE = "_nemotron_diffusion_merged_draft"
 # Formats of the kept weights: None (the base weight's dtype: a draft forward computes exactly what PEFT's LoRA
-# computes, to rounding) or "int8" (weight-only int8, one scale per output channel; CPU only).
+# computes, to rounding) or "int8" (weight-only int8, one scale per output channel; bfloat16 weights on a CPU).
 MERGED_DRAFT_FORMATS = (None, "int8")
 
 
@@ -361,7 +361,7 @@ def enable_merged_drafter(model, adapter_name=None, weight_format=None):
     `get_delta_weight`, summed over the drafting adapters), on the base weight's device. Draft forwards that apply
     the drafter at every position (LinearSpec's drafts, diffusion's denoising) then cost a forward of the base
     model: `F.linear(x, W + ΔW)` instead of `W x + B(A x)` with PEFT's per-layer work (on the demo in bf16 on a CPU,
-    a draft forward costs about 30% more than a base forward with PEFT's LoRA, the same with merged weights).
+    a draft forward costs about 35% more than a base forward with PEFT's LoRA, the same with merged weights).
     Verification and AR steps keep the base weights (lossless), and QuadraticSpec's mask-only drafting keeps the
     LoRA path (a merged weight cannot be limited to positions).
 
@@ -372,8 +372,8 @@ def enable_merged_drafter(model, adapter_name=None, weight_format=None):
       bf16; an 8B model: most of its size).
     * "int8" (bfloat16 weights on a CPU): the merged weight quantized to int8 with one scale per output channel,
       computed by torch's weight-only int8 kernel (`torch.ops.aten._weight_int8pack_mm`; with float32 activations
-      that kernel is far slower than a dense product, `int8_nemotron_diffusion.int8_supported`). Half the memory of a bf16 copy, and a
-      cheaper draft forward where reading the weights is what a forward costs (a CPU at a few query tokens: on the
+      that kernel is far slower than a dense product, `int8_nemotron_diffusion.int8_supported`). Half the memory
+      of a bf16 copy, and a cheaper draft forward where reading the weights is what a forward costs (a CPU at a few query tokens: on the
       demo, the linears of a 4-token draft forward take ~0.65x their bf16 time). Drafts differ slightly from the
       unquantized drafter's; the verifier is still the base model, so self-speculation stays lossless and only
       acceptance can change (measured in `docs/cpu-performance.md`). Diffusion's denoising forwards use it too.
@@ -412,8 +412,8 @@ def enable_merged_drafter(model, adapter_name=None, weight_format=None):
         found = sorted({f"{str(base.weight.dtype).replace('torch.', '')} on {base.weight.device}"
                         for _, base, _ in layers if not int8_supported(base.weight.device, base.weight.dtype)})
         if found:
-            raise ValueError(f"weight_format='int8' pays off for bfloat16 weights on a CPU only; the drafter's weights "
-                             f"are {found}. Use weight_format=None there.")
+            raise ValueError(f"weight_format='int8' pays off for bfloat16 weights on a CPU only; the drafter's "
+                             f"weights are {found}. Use weight_format=None there.")
     for module, base, names in layers:
         setattr(module, MERGED_DRAFT_ATTRIBUTE, {"format": weight_format, "weights": {}})
         MergedDraftLinear.merged_weight(module, base, names)

@@ -215,8 +215,8 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
     def enable_merged_drafter(self, adapter_name=None, weight_format=None):
         """Keeps merged draft weights (W + ΔW per LoRA linear of the drafter) so that draft forwards which apply
         the drafter everywhere (LinearSpec, diffusion) cost a base forward, at the price of one more copy of each
-        adapted weight in memory. Causal forwards keep the base weights. `weight_format="int8"` (bf16 on a CPU) keeps them
-        as weight-only int8, and the LM head of draft forwards too (`Int8DraftHead`): cheaper draft forwards,
+        adapted weight in memory. Causal forwards keep the base weights. `weight_format="int8"` (bf16 on a CPU)
+        keeps them as weight-only int8, and the LM head of draft forwards too (`Int8DraftHead`): cheaper draft forwards,
         slightly different drafts, still lossless. See `drafting_nemotron_diffusion.enable_merged_drafter`; returns
         the number of layers merged."""
         with _generation_lock(self):
