@@ -373,12 +373,12 @@ def enable_merged_drafter(model, adapter_name=None, weight_format=None):
     * "int8" (bfloat16 weights on a CPU): the merged weight quantized to int8 with one scale per output channel,
       computed by torch's weight-only int8 kernel (`torch.ops.aten._weight_int8pack_mm`; with float32 activations
       that kernel is far slower than a dense product, `int8_nemotron_diffusion.int8_supported`). Half the memory
-      of a bf16 copy, and a cheaper draft forward where reading the weights is what a forward costs (a CPU at a few query tokens: on the
-      demo, the linears of a 4-token draft forward take ~0.65x their bf16 time). Drafts differ slightly from the
-      unquantized drafter's; the verifier is still the base model, so self-speculation stays lossless and only
-      acceptance can change (measured in `docs/cpu-performance.md`). Diffusion's denoising forwards use it too.
-      Kept weights are recomputed in the base dtype where the base weights have moved off the CPU or to
-      another dtype.
+      of a bf16 copy, and a cheaper draft forward where reading the weights is what a forward costs (a CPU at a
+      few query tokens: on the demo, the linears of a 4-token draft forward take ~0.65x their bf16 time). Drafts
+      differ slightly from the unquantized drafter's; the verifier is still the base model, so self-speculation
+      stays lossless and only acceptance can change (measured in `docs/cpu-performance.md`). Diffusion's denoising
+      forwards use it too. Kept weights are recomputed in the base dtype where the base weights have moved off the
+      CPU or to another dtype.
 
     A copy is recomputed when the adapter's or the base's weights change (training, `.to()`);
     `disable_merged_drafter` frees them.

@@ -216,9 +216,9 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         """Keeps merged draft weights (W + ΔW per LoRA linear of the drafter) so that draft forwards which apply
         the drafter everywhere (LinearSpec, diffusion) cost a base forward, at the price of one more copy of each
         adapted weight in memory. Causal forwards keep the base weights. `weight_format="int8"` (bf16 on a CPU)
-        keeps them as weight-only int8, and the LM head of draft forwards too (`Int8DraftHead`): cheaper draft forwards,
-        slightly different drafts, still lossless. See `drafting_nemotron_diffusion.enable_merged_drafter`; returns
-        the number of layers merged."""
+        keeps them as weight-only int8, and the LM head of draft forwards too (`Int8DraftHead`): cheaper draft
+        forwards, slightly different drafts, still lossless. See `drafting_nemotron_diffusion.enable_merged_drafter`;
+        returns the number of layers merged."""
         with _generation_lock(self):
             count = enable_merged_drafter(self, adapter_name, weight_format)
             self._int8_draft_head = Int8DraftHead(self.diffusion_head) if weight_format == "int8" else None
