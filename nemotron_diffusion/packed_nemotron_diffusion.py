@@ -1,0 +1,135 @@
+# Copyright 2026 The nemotron-diffusion authors. Licensed under the Apache License, Version 2.0.
+"""Prepacked bfloat16 weights for the linear layers of CPU generation (oneDNN's blocked layout).
+
+On a CPU, `F.linear` with a bfloat16 weight hands the weight to oneDNN in its plain [out, in] layout on every call,
+and oneDNN reorders it into its blocked layout each time: at the few query tokens of a decoding step that copy
+costs about as much as the product itself. Reordering once and keeping the blocked copy
+(`torch.ops.mkldnn._reorder_linear_weight`, then `torch.ops.mkldnn._linear_pointwise`, the pair torch's inductor
+uses for frozen CPU linears) computes the same product: on torch 2.13 the outputs were bit-identical to `F.linear`
+for every shape and row count we tried, and a generate() call returns the same tokens with and without it
+(`tests/test_packed.py` holds both). The demo's forwards ran about 1.35x faster (`docs/cpu-performance.md`).
+
+The price is one more copy of each packed weight in memory, so it is opt-in (`enable_packed_weights`, on by
+default for the demo on a CPU with bf16). Packed copies are used only inside generate() (`packed_linears`), never in
+a forward that may need gradients, and are rebuilt when a weight changes.
+"""
+
+import contextlib
+
+import torch
+from torch import nn
+
+# Where a linear layer's packed copy is kept: its __dict__ (not a submodule or buffer: no state dict entry).
+PACKED_ATTRIBUTE = "_nemotron_diffusion_packed_weight"
+
+
+def packing_supported(weight: torch.Tensor) -> bool:
+    """Whether `weight` can be kept prepacked: a plain bfloat16 tensor on a CPU whose oneDNN build has bf16 kernels."""
+    return (
+        type(weight.data) is torch.Tensor
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and weight.dim() == 2
+        and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+class PackedWeight:
+    """The oneDNN-blocked copy of one weight, rebuilt when the weight's storage or version changes."""
+
+    def __init__(self):
+        self._key, self._packed = None, None
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor:
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+        if key != self._key:
+            with torch.no_grad():
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+            self._key = key
+        return self._packed
+
+
+def can_use_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `F.linear(x, weight)` may run on a packed copy: no gradient can be needed, the weight is packable and
+    x has its dtype (anything else keeps `F.linear`'s own behaviour, errors included)."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return not needs_grad and x.dtype == weight.dtype and packing_supported(weight)
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias, packed: PackedWeight) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` [..., out] computed with the packed copy of `weight` (see `can_use_packed`; any
+    leading dimensions: the kernel takes the [N, in] matrix)."""
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.ops.mkldnn._linear_pointwise(flat, packed.get(weight), bias, "none", [], "")
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _packable_linears(model):
+    """The plain `nn.Linear` layers of `model` whose weight can be packed, except those whose forward someone else
+    already replaced (accelerate's offloading hooks, for one)."""
+    return [
+        m for m in model.modules()
+        if type(m) is nn.Linear and packing_supported(m.weight) and "forward" not in vars(m)
+        and not hasattr(m, "_hf_hook")
+    ]
+
+
+def enable_packed_weights(model) -> int:
+    """Keeps a packed copy of every packable linear layer's weight (built at the first generate() that uses it);
+    returns how many layers are packed (0 where packing is not supported, e.g. float32 or a GPU)."""
+    layers = _packable_linears(model)
+    for layer in layers:
+        if PACKED_ATTRIBUTE not in vars(layer):
+            layer.__dict__[PACKED_ATTRIBUTE] = PackedWeight()
+    return len(layers)
+
+
+def disable_packed_weights(model) -> None:
+    """Frees the packed copies kept by `enable_packed_weights`."""
+    for module in model.modules():
+        module.__dict__.pop(PACKED_ATTRIBUTE, None)
+
+
+def kept_packed_weight(module):
+    """The `PackedWeight` kept on `module` by `enable_packed_weights`, or None."""
+    return vars(module).get(PACKED_ATTRIBUTE)
+
+
+@contextlib.contextmanager
+def packed_linears(model):
+    """Inside: every linear layer of `model` with a kept packed copy computes with it (its instance `forward` is
+    replaced, so PEFT wrappers and the drafting switch still see the same `nn.Linear`); a forward that could need
+    gradients computes `F.linear` as before. Restored on exit."""
+    layers = [m for m in model.modules() if PACKED_ATTRIBUTE in vars(m) and "forward" not in vars(m)]
+    for layer in layers:
+        layer.forward = _packed_forward(layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            vars(layer).pop("forward", None)
+
+
+def _packed_forward(layer: nn.Linear):
+    packed, plain = vars(layer)[PACKED_ATTRIBUTE], type(layer).forward
+
+    def forward(x):
+        if not can_use_packed(x, layer.weight):
+            return plain(layer, x)
+        return packed_linear(x, layer.weight, layer.bias, packed)
+
+    return forward
+
+
+__all__ = [
+    "PACKED_ATTRIBUTE",
+    "PackedWeight",
+    "can_use_packed",
+    "disable_packed_weights",
+    "enable_packed_weights",
+    "kept_packed_weight",
+    "packed_linear",
+    "packed_linears",
+    "packing_supported",
+]
