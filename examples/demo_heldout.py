@@ -1,6 +1,6 @@
 """Held-out measurement of the demo: speed of every decoding mode against stock transformers on the same weights.
 
-    python examples/demo_heldout.py [--prompts 12] [--max-new-tokens 96] [--configs ar,linear_spec:4:w3,diffusion:4:t0.5,linear_spec:4:m]
+    python examples/demo_heldout.py [--prompts 12] [--max-new-tokens 96] [--configs ar,linear_spec:4:w3,diffusion:4:t0.5,linear_spec:4:int8]
                                     [--dtype auto|bfloat16|float32] [--batch 4] [--drafter PATH|none]
                                     [--threads 1] [--time-limit S] [--out PREFIX]
 
@@ -16,9 +16,10 @@ share, to see degenerate text). The table reports medians over prompts.
 In float32 both self-speculative modes must return exactly the AR tokens on every prompt (the script exits
 non-zero otherwise). In bfloat16 a K-token verify and a one-token AR step may round differently: the agreement
 is reported, not required. `--batch N` adds a left-padded batch of N prompts per group against batched stock.
-A `:m` suffix (linear_spec, diffusion) runs that configuration on a second copy of the demo whose drafter keeps
-its merged weights in the model's dtype instead of what the drafter's settings ask for (int8 on a CPU), so the two
-kinds of draft weights are compared in one interleaved run.
+An `:int8` suffix (linear_spec, diffusion) runs that configuration on a second copy of the demo whose drafter keeps
+its merged weights as weight-only int8 (with an int8 draft head) instead of what the drafter's settings ask for
+(bf16 merged weights, prepacked on a CPU), so the two kinds of draft weights are compared in one interleaved run.
+Both copies keep prepacked bf16 weights on a CPU with bf16 (`load_demo`); `--no-packed` measures without them.
 """
 
 import argparse
@@ -48,10 +49,10 @@ STOCK = "stock"
 
 
 def parse_configs(text):
-    """'ar,linear_spec:8:w3,diffusion:4:t0.5:m' -> [("ar", None, None, None, False), ("linear_spec", 8, 3, None,
+    """'ar,linear_spec:8:w3,diffusion:4:t0.5:int8' -> [("ar", None, None, None, False), ("linear_spec", 8, 3, None,
     False), ("diffusion", 4, None, 0.5, True)]: (mode, block size, verify-tree width, diffusion confidence
-    threshold, whether the draft weights are merged in the model's dtype instead of the drafter's settings (`:m`,
-    int8 for the demo on a CPU)); AR is always measured."""
+    threshold, whether the draft weights are merged as int8 instead of as the drafter's settings say (`:int8`));
+    AR is always measured."""
     configs = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
@@ -61,7 +62,7 @@ def parse_configs(text):
             raise SystemExit(f"--configs: mode {mode!r} is invalid; allowed: {', '.join(DECODE_MODES)}")
         size, width, threshold, dense = None, None, None, False
         for part in parts[1:]:
-            if part == "m" and mode in ("linear_spec", "diffusion"):
+            if part == "int8" and mode in ("linear_spec", "diffusion"):
                 dense = True
             elif part.startswith("w") and part[1:].isdigit() and mode == "linear_spec":
                 width = int(part[1:])
@@ -72,8 +73,7 @@ def parse_configs(text):
                     raise SystemExit(f"--configs: {item!r}: threshold {part[1:]!r} is not a number") from None
             else:
                 raise SystemExit(f"--configs: {item!r}: write linear_spec:B:wN (a tree of width N), "
-                                 f"diffusion:B:tX (confidence threshold X), and :m for draft weights merged in "
-                                 f"the model's dtype")
+                                 f"diffusion:B:tX (confidence threshold X), and :int8 for int8 draft weights")
         if mode != "ar":
             try:
                 size = int(parts[0] if parts and parts[0] else 8)
@@ -94,7 +94,7 @@ def label(config):
     if threshold is not None:
         text = f"{text} threshold {threshold:g}"
     text = text if width is None else f"{text} tree {width}x{TREE_SLOTS}"
-    return f"{text}, merged drafter in the model's dtype" if dense else text
+    return f"{text}, int8 draft weights" if dense else text
 
 
 def generate_kwargs(config, max_new_tokens, eos):
@@ -211,6 +211,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=0, help="also measure left-padded batches of this many prompts")
     parser.add_argument("--drafter", default=None, help="adapter folder (default: the shipped one) or 'none'")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-packed", action="store_true", help="no prepacked bf16 weights (enable_packed_weights)")
     parser.add_argument("--seed", type=int, default=7, help="seed of the held-out prompt draw")
     parser.add_argument("--machine", default=None, help="description of the machine for the written results")
     parser.add_argument("--time-limit", type=float, default=None, help="seconds: start no new prompt after this")
@@ -224,18 +225,18 @@ def main(argv=None):
     started = time.perf_counter()
     dtype = preferred_dtype() if args.dtype == "auto" else getattr(torch, args.dtype)
 
-    model, tokenizer = load_demo(drafter=args.drafter is None, dtype=dtype)
+    model, tokenizer = load_demo(drafter=args.drafter is None, dtype=dtype, packed=not args.no_packed)
     if args.drafter not in (None, "none"):
         from nemotron_diffusion.demo import attach_drafter
 
         model = attach_drafter(model, args.drafter)
     stock = native_twin(model, base_module=peft_base_module)
     dense_model = None
-    if any(c[4] for c in configs):  # a second copy of the demo whose drafter keeps merged weights in its dtype
+    if any(c[4] for c in configs):  # a second copy of the demo whose drafter keeps int8 merged weights
         from nemotron_diffusion.demo import attach_drafter, demo_drafter_path
 
-        dense_model, _ = load_demo(drafter=False, dtype=dtype)
-        dense_model = attach_drafter(dense_model, args.drafter or demo_drafter_path(), merged=True)
+        dense_model, _ = load_demo(drafter=False, dtype=dtype, packed=not args.no_packed)
+        dense_model = attach_drafter(dense_model, args.drafter or demo_drafter_path(), merged="int8")
     eos = model.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -24,7 +24,7 @@ def test_shipped_drafter_adapter():
         assert word in card
     with open(os.path.join(folder, demo.DRAFTER_SETTINGS_FILE)) as f:
         settings = json.load(f)
-    assert settings == {"drafter_modes": ["linear_spec", "diffusion", "quadratic_spec"], "merged_drafter": "int8"}
+    assert settings == {"drafter_modes": ["linear_spec", "diffusion", "quadratic_spec"], "merged_drafter": True}
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
