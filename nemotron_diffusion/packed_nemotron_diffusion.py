@@ -1,13 +1,13 @@
 # Copyright 2026 The nemotron-diffusion authors. Licensed under the Apache License, Version 2.0.
 """Prepacked bfloat16 weights for the linear layers of CPU generation (oneDNN's blocked layout).
 
-On a CPU, `F.linear` with a bfloat16 weight hands the weight to oneDNN in its plain [out, in] layout on every call,
-and oneDNN reorders it into its blocked layout each time: at the few query tokens of a decoding step that copy
-costs about as much as the product itself. Reordering once and keeping the blocked copy
+On a CPU, `F.linear` with a bfloat16 weight hands the weight to oneDNN in its plain [out, in] layout on every call
+(as far as we can tell oneDNN then reorders it each time; at the few query tokens of a decoding step that costs
+about as much as the product itself). Reordering once and keeping the blocked copy
 (`torch.ops.mkldnn._reorder_linear_weight`, then `torch.ops.mkldnn._linear_pointwise`, the pair torch's inductor
 uses for frozen CPU linears) computes the same product: on torch 2.13 the outputs were bit-identical to `F.linear`
 for every shape and row count we tried, and a generate() call returns the same tokens with and without it
-(`tests/test_packed.py` holds both). The demo's forwards ran about 1.35x faster (`docs/cpu-performance.md`).
+(`tests/test_packed.py` holds both). Products of the demo's sizes ran 1.2-2x faster (`docs/cpu-performance.md`).
 
 The price is one more copy of each packed weight in memory, so it is opt-in (`enable_packed_weights`, on by
 default for the demo on a CPU with bf16). Packed copies are used only inside generate() (`packed_linears`), never in

@@ -323,6 +323,10 @@ def load_model(args, **from_pretrained_kwargs):
     if device != "auto" and "quantization_config" not in kwargs:
         model = model.to(device)
     model = _attach_drafter(model, getattr(args, "drafter", "none"), path, demo=args.model is None)
+    if args.model is None and "quantization_config" not in kwargs:
+        # The demo, as load_demo() has it: prepacked bf16 weights on a CPU (the same tokens, faster; a no-op in
+        # float32 or on a GPU). Other models keep one copy of their weights.
+        model.enable_packed_weights()
     return model.eval(), tokenizer
 
 
