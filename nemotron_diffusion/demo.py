@@ -145,7 +145,8 @@ def attach_drafter(model, folder, adapter_name: str = "drafter", merged=None):
     more copy of each adapted weight in memory): True (in the base dtype), "int8" (weight-only int8 for a bfloat16
     model on a CPU: cheaper draft forwards; the base dtype elsewhere), False (PEFT's LoRA in draft forwards). None
     takes the folder's `drafter_settings.json` (`"merged_drafter": true` for the demo's 135M model: with prepacked
-    bf16 weights, `enable_packed_weights`, a bf16 product beat the int8 one at every size measured), else False."""
+    bf16 weights, `enable_packed_weights`, a bf16 product beat the int8 one from the few rows of a draft
+    forward on), else False."""
     import json
     import warnings
 

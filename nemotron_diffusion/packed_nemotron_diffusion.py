@@ -114,9 +114,9 @@ def packed_linears(model):
 def _packed_forward(layer: nn.Linear):
     packed, plain = vars(layer)[PACKED_ATTRIBUTE], type(layer).forward
 
-    def forward(x):
-        if not can_use_packed(x, layer.weight):
-            return plain(layer, x)
+    def forward(x, *args, **kwargs):
+        if args or kwargs or not can_use_packed(x, layer.weight):
+            return plain(layer, x, *args, **kwargs)
         return packed_linear(x, layer.weight, layer.bias, packed)
 
     return forward
