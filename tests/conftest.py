@@ -85,6 +85,20 @@ def tiny_model(seed: int = 0, std: float = 0.2, **overrides) -> NemotronDiffusio
     return NemotronDiffusionForCausalLM(config).eval()
 
 
+def tiny_drafter_model(seed: int = 0) -> NemotronDiffusionForCausalLM:
+    """A tiny model with a drafter of the training recipe's kind attached as adapter "drafter": LoRA plus the mask
+    token's embedding row (PEFT trainable tokens), all with random values so that they change the drafts."""
+    from nemotron_diffusion.training import add_drafter_adapter
+
+    wrapped = add_drafter_adapter(tiny_model(seed), r=4, adapter_name="drafter")
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, parameter in wrapped.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                parameter.normal_(0.0, 0.3)
+    return wrapped.base_model.model.eval()
+
+
 def random_prompt(seed: int, length: int, batch: int = 1, low: int = 3, high: int = MASK_ID) -> torch.LongTensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(low, high, (batch, length), generator=generator)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import left_pad, tiny_model
+from conftest import left_pad, tiny_drafter_model, tiny_model
 from nemotron_diffusion.packed_nemotron_diffusion import (
     PACKED_ATTRIBUTE,
     PackedWeight,
@@ -32,15 +32,7 @@ MODES = [
 def _bf16_drafter_model(seed=0):
     """A tiny bf16 model with a LoRA drafter (random B, so it changes the drafts) serving every mode, with merged
     draft weights kept in bf16 (they are packed too)."""
-    from nemotron_diffusion.training import add_drafter_adapter
-
-    wrapped = add_drafter_adapter(tiny_model(seed), r=4, adapter_name="drafter")
-    torch.manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, parameter in wrapped.named_parameters():
-            if "lora_B" in name or "trainable_tokens_delta" in name:
-                parameter.normal_(0.0, 0.3)
-    model = wrapped.base_model.model.eval().to(torch.bfloat16)
+    model = tiny_drafter_model(seed).to(torch.bfloat16)
     model.generation_config.drafter_adapter = "drafter"
     model.generation_config.drafter_modes = ["linear_spec", "diffusion", "quadratic_spec"]
     model.enable_merged_drafter()

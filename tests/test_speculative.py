@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from conftest import left_pad, tiny_model
+from conftest import left_pad, tiny_drafter_model, tiny_model
 
 
 SPEC_MODES = ("linear_spec", "quadratic_spec")
@@ -907,18 +907,7 @@ def test_merged_adapter_is_refused(wrapper, mode):
     assert torch.equal(out.sequences, _gen(base, ids, mask, "ar", max_new_tokens=6, eos_token_id=None).sequences)
 
 
-def _mask_embedding_drafter(seed=0):
-    """A tiny model with a drafter of the training recipe's kind: LoRA plus the mask token's embedding row (PEFT
-    trainable tokens), all with random values so that they change the drafts."""
-    from nemotron_diffusion.training import add_drafter_adapter
-
-    wrapped = add_drafter_adapter(tiny_model(seed), r=4, adapter_name="drafter")
-    torch.manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, parameter in wrapped.named_parameters():
-            if "lora_B" in name or "trainable_tokens_delta" in name:
-                parameter.normal_(0.0, 0.3)
-    return wrapped.base_model.model.eval()
+_mask_embedding_drafter = tiny_drafter_model  # (moved to conftest: test_packed.py builds the same drafter)
 
 
 def test_draft_token_embedding_equals_peft_trainable_tokens():
