@@ -15,6 +15,7 @@ a forward that may need gradients, and are rebuilt when a weight changes.
 """
 
 import contextlib
+import functools
 
 import torch
 from torch import nn
@@ -30,9 +31,14 @@ def packing_supported(weight: torch.Tensor) -> bool:
         and weight.device.type == "cpu"
         and weight.dtype == torch.bfloat16
         and weight.dim() == 2
-        and torch.backends.mkldnn.is_available()
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        and _bf16_kernels()
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_kernels() -> bool:
+    """Whether this build and CPU have oneDNN's bf16 kernels (asked once: it is checked in every packed forward)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class PackedWeight:
