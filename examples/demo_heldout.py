@@ -1,6 +1,7 @@
 """Held-out measurement of the demo: speed of every decoding mode against stock transformers on the same weights.
 
-    python examples/demo_heldout.py [--prompts 12] [--max-new-tokens 96] [--configs ar,linear_spec:4:w3,diffusion:4:t0.5,linear_spec:4:int8]
+    python examples/demo_heldout.py [--prompts 12] [--max-new-tokens 96]
+                                    [--configs ar,linear_spec:4:w3,diffusion:4:t0.5,linear_spec:4:int8]
                                     [--dtype auto|bfloat16|float32] [--batch 4] [--drafter PATH|none]
                                     [--threads 1] [--time-limit S] [--out PREFIX]
 
@@ -60,10 +61,10 @@ def parse_configs(text):
         mode, *parts = item.split(":")
         if mode not in DECODE_MODES:
             raise SystemExit(f"--configs: mode {mode!r} is invalid; allowed: {', '.join(DECODE_MODES)}")
-        size, width, threshold, dense = None, None, None, False
+        size, width, threshold, int8_drafts = None, None, None, False
         for part in parts[1:]:
             if part == "int8" and mode in ("linear_spec", "diffusion"):
-                dense = True
+                int8_drafts = True
             elif part.startswith("w") and part[1:].isdigit() and mode == "linear_spec":
                 width = int(part[1:])
             elif part.startswith("t") and mode == "diffusion":
@@ -83,18 +84,18 @@ def parse_configs(text):
                 raise SystemExit(f"--configs: block size {size} of {mode} must be >= 2")
         if mode == "diffusion" and threshold is None:
             threshold = CONFIDENCE_THRESHOLD
-        if (mode, size, width, threshold, dense) not in configs:
-            configs.append((mode, size, width, threshold, dense))
+        if (mode, size, width, threshold, int8_drafts) not in configs:
+            configs.append((mode, size, width, threshold, int8_drafts))
     return [("ar", None, None, None, False)] + [c for c in configs if c[0] != "ar"]
 
 
 def label(config):
-    mode, size, width, threshold, dense = config
+    mode, size, width, threshold, int8_drafts = config
     text = mode if size is None else f"{mode} B={size}"
     if threshold is not None:
         text = f"{text} threshold {threshold:g}"
     text = text if width is None else f"{text} tree {width}x{TREE_SLOTS}"
-    return f"{text}, int8 draft weights" if dense else text
+    return f"{text}, int8 draft weights" if int8_drafts else text
 
 
 def generate_kwargs(config, max_new_tokens, eos):
@@ -134,7 +135,7 @@ def strip_eos(tokens, eos):
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
 
-def measure(model, stock, prompts, configs, max_new_tokens, eos, pad, dense_model=None):
+def measure(model, stock, prompts, configs, max_new_tokens, eos, pad, int8_model=None):
     """One row per prompt group: {config label: measurements}; stock first, then ours in the given order."""
     if len(prompts) == 1:
         ids, mask = torch.tensor([prompts[0]]), None
@@ -148,7 +149,7 @@ def measure(model, stock, prompts, configs, max_new_tokens, eos, pad, dense_mode
                                                                    out[:, ids.shape[1]:].tolist()]}
     for config in configs:
         start = time.perf_counter()
-        out = (dense_model if config[4] else model).generate(ids, attention_mask=mask, pad_token_id=pad,
+        out = (int8_model if config[4] else model).generate(ids, attention_mask=mask, pad_token_id=pad,
                                                              **generate_kwargs(config, max_new_tokens, eos))
         seconds = time.perf_counter() - start
         row[label(config)] = {"seconds": seconds, "forwards": out.num_forwards.tolist(),
@@ -234,12 +235,12 @@ def main(argv=None):
 
         model = attach_drafter(model, args.drafter)
     stock = native_twin(model, base_module=peft_base_module)
-    dense_model = None
+    int8_model = None
     if any(c[4] for c in configs):  # a second copy of the demo whose drafter keeps int8 merged weights
         from nemotron_diffusion.demo import attach_drafter, demo_drafter_path
 
-        dense_model, _ = load_demo(drafter=False, dtype=dtype, packed=not args.no_packed)
-        dense_model = attach_drafter(dense_model, args.drafter or demo_drafter_path(), merged="int8")
+        int8_model, _ = load_demo(drafter=False, dtype=dtype, packed=not args.no_packed)
+        int8_model = attach_drafter(int8_model, args.drafter or demo_drafter_path(), merged="int8")
     eos = model.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -249,13 +250,13 @@ def main(argv=None):
     names = [STOCK] + [label(c) for c in configs]
 
     with torch.no_grad():  # warm-up
-        measure(model, stock, prompts[:1], configs, 4, eos, pad, dense_model)
+        measure(model, stock, prompts[:1], configs, 4, eos, pad, int8_model)
     rows = []
     for i, prompt in enumerate(prompts):
         if args.time_limit is not None and rows and time.perf_counter() - started > args.time_limit:
             print(f"--time-limit reached: {len(rows)} of {len(prompts)} prompts measured", flush=True)
             break
-        row = measure(model, stock, [prompt], configs, args.max_new_tokens, eos, pad, dense_model)
+        row = measure(model, stock, [prompt], configs, args.max_new_tokens, eos, pad, int8_model)
         rows.append(row)
         print(f"prompt {i + 1}/{len(prompts)} ({sources[i]}, {len(prompt)} tokens): " + ", ".join(
             f"{k} {v['tok_s']:.1f} tok/s" + ("" if k == STOCK else f" {v.get('tokens_per_forward', 0):.2f}/fwd")
@@ -264,7 +265,7 @@ def main(argv=None):
     if args.batch > 1:
         for start in range(0, len(rows) - args.batch + 1, args.batch):
             group = prompts[start : start + args.batch]
-            batch_rows.append(measure(model, stock, group, configs, args.max_new_tokens, eos, pad, dense_model))
+            batch_rows.append(measure(model, stock, group, configs, args.max_new_tokens, eos, pad, int8_model))
             print(f"batch of {args.batch} (prompts {start + 1}-{start + args.batch}): " + ", ".join(
                 f"{k} {v['tok_s']:.1f} tok/s" for k, v in batch_rows[-1].items()), flush=True)
 

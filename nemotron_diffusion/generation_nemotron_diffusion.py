@@ -235,8 +235,9 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
     def enable_packed_weights(self):
         """Keeps a oneDNN-prepacked copy of each bfloat16 linear weight on a CPU, used by every forward inside
         generate() (all modes): the same products, bit-identical on torch 2.13, in 0.5-0.8x of F.linear's time at
-        decoding sizes (the demo's AR steps took about 0.8x), for one more copy of those weights in memory (`packed_nemotron_diffusion`). Returns the
-        number of layers packed (0 in float32 or on a GPU); call again after adding layers (a PEFT adapter)."""
+        decoding sizes (the demo's AR steps took about 0.8x), for one more copy of those weights in memory
+        (`packed_nemotron_diffusion`). Returns the number of layers packed (0 in float32 or on a GPU); call again
+        after adding layers (a PEFT adapter)."""
         with _generation_lock(self):
             return enable_packed_weights(self)
 

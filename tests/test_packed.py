@@ -57,7 +57,11 @@ def test_packed_linear_is_bit_identical_to_f_linear(rows, shape):
     assert torch.equal(packed_linear(x[:, 1:], weight, None, packed), F.linear(x[:, 1:], weight))  # a strided slice
 
 
-@pytest.mark.parametrize("mode,extra", MODES, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values())))
+def _mode_id(value):
+    return value if isinstance(value, str) else "-".join(map(str, value.values()))
+
+
+@pytest.mark.parametrize("mode,extra", MODES, ids=_mode_id)
 def test_packed_weights_give_the_same_tokens_in_every_mode(mode, extra):
     """Left-padded batch, drafter attached: the tokens, forward counts and acceptance lengths are those of the
     same call without packing, and the packed forwards really ran."""
