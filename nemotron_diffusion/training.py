@@ -333,7 +333,7 @@ def draft_block_mask_function(cache_length: int, block_size: int, block_starts: 
     return mask
 
 
-DRAFT_LAYOUTS = ("linear", "quadratic")
+DRAFT_LAYOUTS = ("linear", "denoise", "quadratic")
 
 
 @dataclass
@@ -345,20 +345,25 @@ class DrafterOutput:
     accepted: torch.Tensor  # [num_blocks] accepted drafts per valid block (greedy, teacher-forced), first layout
     slot_hits: torch.Tensor  # [B-1] correct drafts per slot (among valid blocks), first layout
     num_blocks: torch.Tensor
-    accepted_by_layout: dict | None = None  # layout -> [num_blocks]
+    # layout -> [num_blocks]; for "denoise" the right guesses per block, with "denoise_masked" its masked slots
+    accepted_by_layout: dict | None = None
     # [num_blocks, B-1] linear layout: rank of the verifier's greedy token among each slot's draft logits (0 = the
     # draft itself); a large value where the slot is past the data or the data leaves the greedy path.
     greedy_ranks: torch.Tensor | None = None
 
 
 def drafter_loss(model, batch, block_size: int, use_adapter: bool = True, temperature: float = 1.0,
-                 hard_weight: float = 0.0, layouts=("linear",)) -> DrafterOutput:
+                 hard_weight: float = 0.0, layouts=("linear",), generator: torch.Generator | None = None
+                 ) -> DrafterOutput:
     """Self-distillation loss of the drafter on the draft layouts of the decoding loops (see the module docstring).
 
     Layouts, for a block drawn at seed position c of a sequence whose causal cache is the base model's:
 
     * `"linear"` (LinearSpec drafts, diffusion's first denoising step): `[x_c, mask x (B-1)]` at positions c..,
       seeing the cache before c and its own block; slots 1..B-1 are drafted.
+    * `"denoise"` (diffusion's later denoising steps, where part of the block is already committed): the linear
+      layout with each of slots 1..B-1 revealed (its data token) with probability r, r ~ U(0, 1) drawn per block
+      from `generator`, as block diffusion's noise schedule does; only the slots left masked are trained.
     * `"quadratic"` (a QuadraticSpec chunk row): `mask x B` at positions c+1.., seeing the cache up to and
       including c (the seed is a verified, causal entry there) and its own row; QuadraticSpec keeps the guesses of
       slots 1..B-1 (slot 0's token is the verifier's own), so acceptance counts from slot 1.
@@ -396,8 +401,9 @@ def drafter_loss(model, batch, block_size: int, use_adapter: bool = True, temper
             hidden = teacher.last_hidden_state
         for layout, block_size in layouts:
             slots = torch.arange(block_size, device=device)
-            first = 0 if layout == "linear" else 1  # position of slot 0 after the seed
-            drafted = slots[1:] if layout == "linear" else slots  # slots whose logits are trained
+            seeded = layout != "quadratic"  # slot 0 holds the seed
+            first = 0 if seeded else 1  # position of slot 0 after the seed
+            drafted = slots[1:] if seeded else slots  # slots whose logits are trained
             with torch.no_grad():
                 # Drafted slot i of a block at c predicts position c+first+i; the causal logit before it teaches it.
                 target_pos = starts[:, :, None] + first + drafted[None, None, :]  # [b, K, D]
@@ -412,8 +418,14 @@ def drafter_loss(model, batch, block_size: int, use_adapter: bool = True, temper
                     greedy.shape)
 
             block_ids = torch.full((batch_size, num_blocks, block_size), mask_id, dtype=torch.long, device=device)
-            if layout == "linear":
+            if seeded:
                 block_ids[:, :, 0] = input_ids.gather(1, starts.clamp(min=0))
+            if layout == "denoise":
+                rate = torch.rand(batch_size, num_blocks, 1, generator=generator, device=generator_device(generator))
+                revealed = (torch.rand(batch_size, num_blocks, len(drafted), generator=generator,
+                                       device=generator_device(generator)) < rate).to(device)
+                block_ids[:, :, 1:] = torch.where(revealed, data_next, mask_id)
+                valid = valid & ~revealed  # a committed slot has nothing to learn
             positions = starts.clamp(min=0)[:, :, None] + first + slots[None, None, :]
             set_drafting(True)
             draft = core.encoder(
@@ -453,6 +465,10 @@ def drafter_loss(model, batch, block_size: int, use_adapter: bool = True, temper
                     greedy_ranks = ranks[block_valid]
                 if layout == "quadratic":
                     hit = hit[..., 1:]  # QuadraticSpec replaces slot 0's guess by the verified token
+                if layout == "denoise":  # no chain to accept: the right guesses among the masked slots
+                    accepted[layout] = hit.sum(-1)[block_valid].float()
+                    accepted["denoise_masked"] = valid.sum(-1)[block_valid].float()
+                    continue
                 run = torch.cumprod(hit.long(), dim=-1)
                 accepted[layout] = run.sum(-1)[block_valid].float()
                 if slot_hits is None:
@@ -461,6 +477,11 @@ def drafter_loss(model, batch, block_size: int, use_adapter: bool = True, temper
     loss = sum(losses) / len(losses)
     return DrafterOutput(loss, sum(kls) / len(kls), sum(ces) / len(ces), sum(counts), accepted[layouts[0][0]],
                          slot_hits, block_valid.sum(), accepted, greedy_ranks)
+
+
+def generator_device(generator: torch.Generator | None):
+    """The device random numbers of `generator` are drawn on (the default generator's: the CPU)."""
+    return "cpu" if generator is None else generator.device
 
 
 def tree_accepted(ranks: torch.Tensor, width: int, slots: int) -> torch.Tensor:
@@ -547,7 +568,8 @@ def evaluate_model(model, dataset, target="drafter", block_size=16, batch_size=4
     """Held-out metrics: `loss` (diffusion loss: the model's for `full`, draft KL for `drafter`), `acceptance` and
     `tokens_per_cycle` (greedy LinearSpec, teacher-forced, on `acceptance_dataset` or `dataset`); with the
     `"quadratic"` layout also `quadratic_acceptance` and `quadratic_tokens_per_forward` (QuadraticSpec emits the
-    accepted guesses plus one verified token per forward); `treeWxS_tokens_per_cycle` for each (width, slots) of
+    accepted guesses plus one verified token per forward); with `"denoise"` also `denoise_accuracy` (greedy-right
+    guesses per masked slot of partly revealed blocks); `treeWxS_tokens_per_cycle` for each (width, slots) of
     `tree_shapes`: LinearSpec's tokens per cycle with a verify tree of that shape (`tree_accepted`)."""
     core = unwrap_model(model)
     was_training = model.training
@@ -573,13 +595,23 @@ def evaluate_model(model, dataset, target="drafter", block_size=16, batch_size=4
     accepted, kl_sum, kl_count, ranks = [], 0.0, 0, []
     accepted_quadratic = []
     quadratic = [item for item in layouts if (item if isinstance(item, str) else item[0]) == "quadratic"]
+    denoise = (("denoise", b),) if any((item if isinstance(item, str) else item[0]) == "denoise"
+                                       for item in layouts) else ()
     layouts = (("linear", b),) + tuple(quadratic)
+    generator = torch.Generator().manual_seed(seed)  # the denoise layout's reveals: the same on every evaluation
+    denoise_hits, denoise_masked = 0.0, 0.0
     slot_hits = torch.zeros(b - 1)
     for i, start in enumerate(range(0, len(accept_data), batch_size)):
         if max_batches is not None and i >= max_batches:
             break
         records = [accept_data[j] for j in range(start, min(start + batch_size, len(accept_data)))]
-        out = drafter_loss(model, draft_collate(records), b, use_adapter=(target == "drafter"), layouts=layouts)
+        batch = draft_collate(records)
+        out = drafter_loss(model, batch, b, use_adapter=(target == "drafter"), layouts=layouts)
+        if denoise:  # a pass of its own, so that draft_kl keeps its meaning across runs with and without it
+            hits = drafter_loss(model, batch, b, use_adapter=(target == "drafter"), layouts=denoise,
+                                generator=generator).accepted_by_layout
+            denoise_hits += float(hits["denoise"].sum())
+            denoise_masked += float(hits["denoise_masked"].sum())
         accepted.append(out.accepted_by_layout["linear"].cpu())
         ranks.append(out.greedy_ranks.cpu())
         if "quadratic" in out.accepted_by_layout:
@@ -599,6 +631,8 @@ def evaluate_model(model, dataset, target="drafter", block_size=16, batch_size=4
         for width, slots in tree_shapes:
             tree = tree_accepted(ranks, width, slots).float()
             metrics[f"tree{width}x{slots}_tokens_per_cycle"] = float(tree.mean()) + 1
+    if denoise:
+        metrics["denoise_accuracy"] = denoise_hits / max(denoise_masked, 1.0)
     if accepted_quadratic:
         mean = float(torch.cat(accepted_quadratic).mean())
         metrics["quadratic_acceptance"] = mean

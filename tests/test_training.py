@@ -269,6 +269,62 @@ def test_drafter_quadratic_layout_equals_quadratic_spec_mask_rows():
                 assert out.accepted_by_layout["quadratic"][index].item() == run
 
 
+def test_drafter_denoise_layout_equals_partly_revealed_diffusion_steps():
+    """The "denoise" layout computes what a later diffusion denoising step computes: the seed block with some slots
+    already holding their (data) tokens, the rest masked; the draws come from `generator` alone, only masked slots
+    are trained, and its accuracy counts the greedy-right guesses among them."""
+    model = _drafter()
+    core = unwrap_model(model)
+    ids = torch.randint(3, MASK_ID, (2, 30), generator=torch.Generator().manual_seed(2))
+    block = 5
+    starts = torch.tensor([[3, 10, 22, -1], [0, 7, 16, 24]])
+    batch = {"input_ids": ids, "block_starts": starts, "lengths": torch.tensor([30, 30])}
+    captured = []
+    hook = core.encoder.register_forward_hook(lambda m, i, kw, o: captured.append(kw["input_ids"].clone()),
+                                              with_kwargs=True)
+    head = []
+    head_hook = core.diffusion_head.register_forward_hook(lambda m, i, o: head.append(o.detach()))
+    with torch.no_grad():
+        out = drafter_loss(model, batch, block, layouts=("denoise",), generator=torch.Generator().manual_seed(5))
+        again = drafter_loss(model, batch, block, layouts=("denoise",), generator=torch.Generator().manual_seed(5))
+    hook.remove()
+    head_hook.remove()
+    blocks = captured[1].reshape(2, 4, block)  # [0] is the teacher pass
+    assert torch.equal(captured[3], captured[1])  # the same generator seed draws the same reveals
+    torch.testing.assert_close(again.loss, out.loss)
+    draft_logits = head[1].reshape(2, 4, block - 1, -1)
+    revealed = blocks[..., 1:] != MASK_ID
+    assert revealed.any() and (~revealed).any()
+    hits, masked = 0, 0
+    with torch.no_grad(), adapters_for_drafting(core, None) as set_drafting:
+        ar = core(ids).logits.argmax(-1)
+        for b in range(2):
+            for k in range(4):
+                c = int(starts[b, k])
+                if c < 0:
+                    continue
+                assert blocks[b, k, 0] == ids[b, c]
+                for i in range(1, block):  # a revealed slot holds the data token
+                    assert blocks[b, k, i] in (MASK_ID, ids[b, c + i])
+                set_drafting(False)
+                cache = DynamicCache(config=core.config)
+                if c > 0:
+                    core(ids[b : b + 1, :c], cache=cache, use_cache=True)
+                set_drafting(True)
+                real = core(blocks[b, k][None], cache=cache, use_cache=True, is_causal=False,
+                            update_cache=False).logits
+                torch.testing.assert_close(draft_logits[b, k], real[0, 1:], rtol=1e-4, atol=1e-4)
+                real = real[0, 1:].clone()
+                real[:, MASK_ID] = -math.inf
+                for i in range(block - 1):
+                    pos = c + 1 + i
+                    if pos < 30 and not revealed[b, k, i]:
+                        masked += 1
+                        hits += int(real[i].argmax() == ar[b, pos - 1] and ids[b, pos] == ar[b, pos - 1])
+    assert int(out.num_targets) == masked
+    assert out.accepted_by_layout["denoise_masked"].sum().item() == masked
+    assert out.accepted_by_layout["denoise"].sum().item() == hits
+
 def test_teacher_pass_uses_base_weights():
     # The KL target is the base model's distribution: with the adapter on or off in between, it is the same.
     model = _drafter()
