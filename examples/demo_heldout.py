@@ -21,6 +21,8 @@ An `:int8` suffix (linear_spec, diffusion) runs that configuration on a second c
 its merged weights as weight-only int8 (with an int8 draft head) instead of what the drafter's settings ask for
 (bf16 merged weights, prepacked on a CPU), so the two kinds of draft weights are compared in one interleaved run.
 Both copies keep prepacked bf16 weights on a CPU with bf16 (`load_demo`); `--no-packed` measures without them.
+Diffusion commits in the model's `commit_order` (the demo drafter's settings: `"leftmost"`); a `:most_confident` or
+`:leftmost` suffix asks for one.
 """
 
 import argparse
@@ -38,7 +40,7 @@ import nemotron_diffusion  # noqa: F401
 from nemotron_diffusion.demo import load_demo, preferred_dtype
 from nemotron_diffusion.demo_prompts import demo_prompts
 from nemotron_diffusion.drafting_nemotron_diffusion import adapters_for_drafting, peft_base_module
-from nemotron_diffusion.generation_config_nemotron_diffusion import DECODE_MODES
+from nemotron_diffusion.generation_config_nemotron_diffusion import COMMIT_ORDERS, DECODE_MODES
 from nemotron_diffusion.native_twin import native_twin
 from nemotron_diffusion.tooling import left_pad
 
@@ -50,10 +52,11 @@ STOCK = "stock"
 
 
 def parse_configs(text):
-    """'ar,linear_spec:8:w3,diffusion:4:t0.5:int8' -> [("ar", None, None, None, False), ("linear_spec", 8, 3, None,
-    False), ("diffusion", 4, None, 0.5, True)]: (mode, block size, verify-tree width, diffusion confidence
-    threshold, whether the draft weights are merged as int8 instead of as the drafter's settings say (`:int8`));
-    AR is always measured."""
+    """'ar,linear_spec:8:w3,diffusion:4:t0.5:int8' -> [("ar", None, None, None, False, None), ("linear_spec", 8, 3,
+    None, False, None), ("diffusion", 4, None, 0.5, True, None)]: (mode, block size, verify-tree width, diffusion
+    confidence threshold, whether the draft weights are merged as int8 instead of as the drafter's settings say
+    (`:int8`), diffusion's commit order (`:leftmost` / `:most_confident`; None: the model's generation config, which
+    the drafter's settings set)); AR is always measured."""
     configs = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
@@ -61,10 +64,12 @@ def parse_configs(text):
         mode, *parts = item.split(":")
         if mode not in DECODE_MODES:
             raise SystemExit(f"--configs: mode {mode!r} is invalid; allowed: {', '.join(DECODE_MODES)}")
-        size, width, threshold, int8_drafts = None, None, None, False
+        size, width, threshold, int8_drafts, order = None, None, None, False, None
         for part in parts[1:]:
             if part == "int8" and mode in ("linear_spec", "diffusion"):
                 int8_drafts = True
+            elif part in COMMIT_ORDERS and mode == "diffusion":
+                order = part
             elif part.startswith("w") and part[1:].isdigit() and mode == "linear_spec":
                 width = int(part[1:])
             elif part.startswith("t") and mode == "diffusion":
@@ -74,7 +79,8 @@ def parse_configs(text):
                     raise SystemExit(f"--configs: {item!r}: threshold {part[1:]!r} is not a number") from None
             else:
                 raise SystemExit(f"--configs: {item!r}: write linear_spec:B:wN (a tree of width N), "
-                                 f"diffusion:B:tX (confidence threshold X), and :int8 for int8 draft weights")
+                                 f"diffusion:B:tX (confidence threshold X), :int8 for int8 draft weights and, for "
+                                 f"diffusion, :leftmost or :most_confident (the commit order)")
         if mode != "ar":
             try:
                 size = int(parts[0] if parts and parts[0] else 8)
@@ -84,22 +90,24 @@ def parse_configs(text):
                 raise SystemExit(f"--configs: block size {size} of {mode} must be >= 2")
         if mode == "diffusion" and threshold is None:
             threshold = CONFIDENCE_THRESHOLD
-        if (mode, size, width, threshold, int8_drafts) not in configs:
-            configs.append((mode, size, width, threshold, int8_drafts))
-    return [("ar", None, None, None, False)] + [c for c in configs if c[0] != "ar"]
+        if (mode, size, width, threshold, int8_drafts, order) not in configs:
+            configs.append((mode, size, width, threshold, int8_drafts, order))
+    return [("ar", None, None, None, False, None)] + [c for c in configs if c[0] != "ar"]
 
 
 def label(config):
-    mode, size, width, threshold, int8_drafts = config
+    mode, size, width, threshold, int8_drafts, order = config
     text = mode if size is None else f"{mode} B={size}"
     if threshold is not None:
         text = f"{text} threshold {threshold:g}"
+    if order is not None:
+        text = f"{text} {order}"
     text = text if width is None else f"{text} tree {width}x{TREE_SLOTS}"
     return f"{text}, int8 draft weights" if int8_drafts else text
 
 
 def generate_kwargs(config, max_new_tokens, eos):
-    mode, size, width, threshold, _ = config
+    mode, size, width, threshold, _, order = config
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "decode_mode": mode,
               "return_dict_in_generate": True, "eos_token_id": eos}
     if size is not None:
@@ -108,6 +116,8 @@ def generate_kwargs(config, max_new_tokens, eos):
         kwargs.update(tree_width=width, tree_slots=TREE_SLOTS)
     if threshold is not None:
         kwargs["confidence_threshold"] = threshold
+    if order is not None:
+        kwargs["commit_order"] = order
     return kwargs
 
 

@@ -130,16 +130,19 @@ def load_demo(drafter: bool = True, dtype=None, device=None, packed: bool = True
     return model, AutoTokenizer.from_pretrained(path)
 
 
-# A drafter folder may say which modes' bidirectional forwards it serves (`drafter_modes` of the generation config).
+# A drafter folder may say which modes' bidirectional forwards it serves (`drafter_modes` of the generation config)
+# and how diffusion commits with it (`commit_order`).
 DRAFTER_SETTINGS_FILE = "drafter_settings.json"
+DRAFTER_GENERATION_FIELDS = ("drafter_modes", "commit_order")
 
 
 def attach_drafter(model, folder, adapter_name: str = "drafter", merged=None):
     """Attaches the PEFT LoRA drafter saved in `folder` as adapter `adapter_name` and returns the model itself (the
     LoRA layers stay inside it). The model's generation config then names it (`drafter_adapter`), and takes the
-    `drafter_modes` of the folder's `drafter_settings.json` when it has one (the demo drafter serves LinearSpec
-    drafts, diffusion's denoising forwards and QuadraticSpec's mask slots); generate() runs it in those forwards
-    only, every causal forward with the base weights.
+    `drafter_modes` and `commit_order` of the folder's `drafter_settings.json` when it sets them (the demo drafter
+    serves LinearSpec drafts, diffusion's denoising forwards and QuadraticSpec's mask slots, and diffusion commits
+    the leftmost masked slot when none is confident); generate() runs it in those forwards only, every causal
+    forward with the base weights.
 
     `merged`: keep merged draft weights (`model.enable_merged_drafter`: draft forwards at a base forward's cost, one
     more copy of each adapted weight in memory): True (in the base dtype), "int8" (weight-only int8 for a bfloat16
@@ -169,9 +172,11 @@ def attach_drafter(model, folder, adapter_name: str = "drafter", merged=None):
         wrapped = PeftModel.from_pretrained(model, folder, adapter_name=adapter_name)
     model = wrapped.base_model.model.eval()
     model.generation_config.drafter_adapter = adapter_name
-    if "drafter_modes" in settings:
-        model.generation_config.drafter_modes = list(settings["drafter_modes"])
-        model.generation_config.validate_mode_fields()
+    for field in DRAFTER_GENERATION_FIELDS:
+        if field in settings:
+            value = settings[field]
+            setattr(model.generation_config, field, list(value) if isinstance(value, (list, tuple)) else value)
+    model.generation_config.validate_mode_fields()
     if merged:
         model.enable_merged_drafter(adapter_name, weight_format="int8" if int8 else None)
     return model

@@ -8,6 +8,8 @@ from transformers import GenerationConfig
 DECODE_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 # Modes whose bidirectional (mask) forwards a drafter adapter may serve.
 DRAFTING_MODES = ("diffusion", "linear_spec", "quadratic_spec")
+# Diffusion: which masked slots a denoising step commits besides those at or above the confidence threshold.
+COMMIT_ORDERS = ("most_confident", "leftmost")
 
 # The fields of this package and their defaults. `block_size` and `confidence_threshold` default per mode.
 GENERATION_FIELDS = {
@@ -16,6 +18,7 @@ GENERATION_FIELDS = {
     "confidence_threshold": None,
     "causal_context": True,
     "max_denoising_steps": None,
+    "commit_order": "most_confident",
     "max_thinking_tokens": None,
     "end_think_token_id": None,
     "drafter_adapter": None,
@@ -63,6 +66,12 @@ class NemotronDiffusionGenerationConfig(GenerationConfig):
             and commit blocks bidirectionally (`False`).
         max_denoising_steps (`int`, *optional*):
             Diffusion: at most this many denoising forwards per block; the last one commits every remaining slot.
+        commit_order (`str`, *optional*, defaults to `"most_confident"`):
+            Diffusion: the slot a denoising step commits besides those whose confidence reaches the threshold (so
+            that every step commits at least one): the most confident masked slot (`"most_confident"`, NVIDIA's
+            rule) or the leftmost masked slot (`"leftmost"`, which keeps the committed prefix growing); without a
+            threshold, the schedule's count of slots in that order. The demo drafter's settings choose `"leftmost"`
+            (docs/cpu-performance.md §7).
         max_thinking_tokens (`int`, *optional*), end_think_token_id (`int`, *optional*):
             Thinking budget: generated token number `max_thinking_tokens + 1` is `end_think_token_id` unless that
             token appeared before (the same rule in every mode).
@@ -157,6 +166,9 @@ class NemotronDiffusionGenerationConfig(GenerationConfig):
         steps = getattr(self, "max_denoising_steps", None)
         if steps is not None and (not _is_int(steps) or steps < 1):
             bad("max_denoising_steps", steps, "an int >= 1, or None")
+        order = getattr(self, "commit_order", "most_confident")
+        if order not in COMMIT_ORDERS:
+            bad("commit_order", order, f"one of {COMMIT_ORDERS}")
         budget = getattr(self, "max_thinking_tokens", None)
         if budget is not None and (not _is_int(budget) or budget < 0):
             bad("max_thinking_tokens", budget, "an int >= 0, or None")
@@ -213,4 +225,4 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-__all__ = ["DECODE_MODES", "DRAFTING_MODES", "GENERATION_FIELDS", "NemotronDiffusionGenerationConfig", "mode_field"]
+__all__ = ["COMMIT_ORDERS", "DECODE_MODES", "DRAFTING_MODES", "GENERATION_FIELDS", "NemotronDiffusionGenerationConfig", "mode_field"]

@@ -481,7 +481,8 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         Per block of B slots: with `causal_context`, slot 0 holds the AR seed of the causal prefix and the other
         slots start masked. Each denoising forward reads the prefix cache without writing it; every masked slot
         whose confidence (probability of its candidate, at T=1) reaches the threshold is committed, plus the most
-        confident one (or, without a threshold, the schedule's count: one per step). Candidates are the argmax or,
+        confident one or, with `commit_order="leftmost"`, the leftmost masked one (without a threshold, the
+        schedule's count in that order: one per step). Candidates are the argmax or,
         at T > 0, a Gumbel-max sample of the processed scores. Committed tokens never change, so the contiguous
         committed prefix of the block is emitted (and checked by the stopping criteria) as soon as it grows. One
         causal forward per block then writes the block to the cache and yields the next seed.
@@ -533,6 +534,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
                 commit = select_commits(
                     confidence, masked, threshold, masks_at_start=masks_at_start, step=steps - 1,
                     max_steps=config.max_denoising_steps, last_step=last_step,
+                    leftmost=config.commit_order == "leftmost",
                 )
                 commit &= live[:, None]
                 block = torch.where(commit, candidates, block)

@@ -243,23 +243,31 @@ def transfer_count(masks_at_start, steps, step):
     return base + extra
 
 
-def select_commits(confidence, masked, threshold, *, masks_at_start=None, step=0, max_steps=None, last_step=False):
-    """Which masked slots a denoising step commits. confidence is -inf outside masked slots."""
-    batch = confidence.shape[0]
+def select_commits(confidence, masked, threshold, *, masks_at_start=None, step=0, max_steps=None, last_step=False,
+                   leftmost=False):
+    """Which masked slots [B, L] a denoising step commits. confidence [B, L] is -inf outside masked slots.
+
+    With a threshold: every masked slot at or above it, plus one, so that each step commits: the most confident
+    masked slot, or with `leftmost` the leftmost masked slot. Without: the schedule's count of masked slots, taken
+    by confidence or, with `leftmost`, from the left. `last_step` commits every masked slot."""
+    batch, length = confidence.shape
     rows = torch.arange(batch, device=confidence.device)
     if last_step:
         return masked.clone()
+    # Priority of each slot: its confidence, or its distance from the block's end (the leftmost masked slot first).
+    priority = torch.arange(length, 0, -1, device=confidence.device).expand(batch, -1) if leftmost else confidence
+    priority = torch.where(masked, priority.to(confidence.dtype), -math.inf)
     if threshold is None:
         steps = max_steps if max_steps is not None else int(masks_at_start.max().clamp(min=1))
         count = transfer_count(masks_at_start, max(steps, 1), step).clamp(min=1)
         count = torch.minimum(count, masked.sum(dim=1))
-        order = confidence.argsort(dim=1, descending=True, stable=True)
+        order = priority.argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(order)
-        rank[rows[:, None], order] = torch.arange(confidence.shape[1], device=confidence.device)[None, :]
+        rank[rows[:, None], order] = torch.arange(length, device=confidence.device)[None, :]
         return masked & (rank < count[:, None])
     commit = masked & (confidence >= threshold)
-    best = confidence.argmax(dim=1)
-    commit[rows, best] |= masked.any(dim=1)
+    first = priority.argmax(dim=1)
+    commit[rows, first] |= masked.any(dim=1)
     return commit
 
 

@@ -15,6 +15,8 @@ import warnings
 
 import torch
 
+from .generation_config_nemotron_diffusion import GENERATION_FIELDS
+
 
 _ID_DTYPES = (torch.int64, torch.int32)
 
@@ -98,6 +100,7 @@ def validate_generate_inputs(input_ids, attention_mask, model_config):
 # Fields that only one group of modes reads: field -> (modes that read it, what they are).
 _MODE_ONLY_FIELDS = {
     "max_denoising_steps": (("diffusion",), "decode_mode='diffusion'"),
+    "commit_order": (("diffusion",), "decode_mode='diffusion'"),
     "confidence_threshold": (("diffusion", "linear_spec", "quadratic_spec"), "the non-AR modes"),
     "tree_width": (("linear_spec",), "decode_mode='linear_spec'"),
 }
@@ -127,7 +130,9 @@ def validate_generation_settings(generation_config, model_config, set_by_call=No
         )
     for field, (modes, readers) in _MODE_ONLY_FIELDS.items():
         value = getattr(generation_config, field, None)
-        if value is not None and mode not in modes and (set_by_call is None or field in set_by_call):
+        if value not in (None, GENERATION_FIELDS[field]) and mode not in modes and (
+            set_by_call is None or field in set_by_call
+        ):
             warnings.warn(
                 f"`{field}`={value!r} does not apply to decode_mode={mode!r} (only {readers} read it); it is ignored.",
                 UserWarning,

@@ -24,7 +24,8 @@ def test_shipped_drafter_adapter():
         assert word in card
     with open(os.path.join(folder, demo.DRAFTER_SETTINGS_FILE)) as f:
         settings = json.load(f)
-    assert settings == {"drafter_modes": ["linear_spec", "diffusion", "quadratic_spec"], "merged_drafter": True}
+    assert settings == {"drafter_modes": ["linear_spec", "diffusion", "quadratic_spec"], "commit_order": "leftmost",
+                        "merged_drafter": True}
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
@@ -106,3 +107,29 @@ def test_attach_drafter_merged_formats(tmp_path):
     with pytest.raises(ValueError, match=r"drafter_settings.json: merged_drafter='yes' is invalid"):
         demo.attach_drafter(fresh, folder)
     assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in fresh.modules())
+
+
+def test_attach_drafter_takes_the_generation_fields_of_its_settings(tmp_path):
+    """drafter_settings.json's `drafter_modes` and `commit_order` go into the model's generation config (and reach
+    generate(): the model's diffusion then commits in that order); an invalid value is named."""
+    from conftest import random_prompt, tiny_model
+    from nemotron_diffusion.training import add_drafter_adapter
+
+    add_drafter_adapter(tiny_model(0), r=4, adapter_name="drafter").save_pretrained(tmp_path / "adapter")
+    folder = tmp_path / "adapter" / "drafter"
+    folder = folder if folder.is_dir() else tmp_path / "adapter"
+    (folder / demo.DRAFTER_SETTINGS_FILE).write_text(json.dumps({"drafter_modes": ["diffusion"],
+                                                                 "commit_order": "leftmost"}))
+    model = demo.attach_drafter(tiny_model(0, std=0.6), folder)
+    assert model.generation_config.drafter_modes == ["diffusion"]
+    assert model.generation_config.commit_order == "leftmost"
+    kwargs = dict(decode_mode="diffusion", block_size=8, confidence_threshold=0.9, max_new_tokens=16)
+    prompt = random_prompt(41, 6)
+    with torch.no_grad():
+        saved = model.generate(prompt, **kwargs)
+        leftmost = model.generate(prompt, commit_order="leftmost", **kwargs)
+        most_confident = model.generate(prompt, commit_order="most_confident", **kwargs)
+    assert torch.equal(saved, leftmost) and not torch.equal(saved, most_confident)
+    (folder / demo.DRAFTER_SETTINGS_FILE).write_text(json.dumps({"commit_order": "random"}))
+    with pytest.raises(ValueError, match=r"`commit_order`='random' is invalid"):
+        demo.attach_drafter(tiny_model(0), folder)

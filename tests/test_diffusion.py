@@ -27,6 +27,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from conftest import EOS_ID, MASK_ID, PAD_ID, left_pad, new_tokens, random_prompt, tiny_model
 
 from nemotron_diffusion import NemotronDiffusionForCausalLM, NemotronDiffusionGenerateOutput
+from nemotron_diffusion.generation_config_nemotron_diffusion import COMMIT_ORDERS
 
 
 # transformers 5.24 renamed generate's `past_key_values` to `cache` (the old name only warns).
@@ -129,13 +130,20 @@ def _num_transfer_tokens(mask_index, steps):
     return num
 
 
-def _get_transfer_index(logits, temperature, mask_index, x, num_transfer_tokens, threshold, mask_id):
+def _get_transfer_index(logits, temperature, mask_index, x, num_transfer_tokens, threshold, mask_id, leftmost=False):
     x0 = torch.argmax(_add_gumbel_noise(_without_mask(logits, mask_id), temperature), dim=-1)
     p = torch.softmax(logits, dim=-1)  # raw logits, T = 1, mask id included (NVIDIA's confidence)
     x0_p = torch.gather(p, dim=-1, index=x0.unsqueeze(-1)).squeeze(-1)
     x0 = torch.where(mask_index, x0, x)
     confidence = torch.where(mask_index, x0_p, torch.tensor(-math.inf))
     transfer_index = torch.zeros_like(x0, dtype=torch.bool)
+    if leftmost:  # commit_order="leftmost": the threshold's slots plus the leftmost masked one, or the first k
+        for j in range(confidence.shape[0]):
+            masked_slots = mask_index[j].nonzero()[:, 0].tolist()
+            k = len(masked_slots) if threshold is not None else int(num_transfer_tokens[j])
+            for rank, slot in enumerate(masked_slots[:k]):
+                transfer_index[j, slot] = rank == 0 or threshold is None or bool(confidence[j, slot] >= threshold)
+        return x0, transfer_index
     if threshold is not None:
         num_transfer_tokens = mask_index.sum(dim=1, keepdim=True)
     for j in range(confidence.shape[0]):
@@ -152,14 +160,15 @@ def _get_transfer_index(logits, temperature, mask_index, x, num_transfer_tokens,
 @torch.no_grad()
 def reference_diffusion_generate(
     model, prompt_ids, max_new_tokens, block_length, threshold=None, causal_context=True, temperature=0.0, eos_token_id=None,
-    steps_per_block=None,
+    steps_per_block=None, leftmost=False,
 ):
     """NVIDIA's `generate` (docs/reference-model.md §7.3) for a batch of one, cache-free.
 
     Returns (sequence [1, P + n], stats) with stats = dict(denoise=#denoise forwards, commits=#commit forwards,
     per_step=[tokens committed by each denoise step]).
     `steps_per_block` is `block_length` in NVIDIA's release; the transfer schedule takes any step count (their
-    earlier `steps` argument), which is what `max_denoising_steps` means without a threshold.
+    earlier `steps` argument), which is what `max_denoising_steps` means without a threshold. `leftmost` is our
+    `commit_order="leftmost"` (not NVIDIA's): the leftmost masked slot instead of the most confident one.
     """
     assert prompt_ids.shape[0] == 1
     assert max_new_tokens % block_length == 0
@@ -189,7 +198,7 @@ def reference_diffusion_generate(
             stats["denoise"] += 1
             logits = _block_logits(model, x, block_start, causal_context, prompt_length, block_length)
             x0, transfer = _get_transfer_index(
-                logits, temperature, mask_index, x[:, block_start:], num_transfer[:, i], threshold, mask_id
+                logits, temperature, mask_index, x[:, block_start:], num_transfer[:, i], threshold, mask_id, leftmost
             )
             stats["per_step"].append(int(transfer.sum()))
             region = x[:, block_start:]
@@ -250,6 +259,38 @@ def test_greedy_matches_reference(confident_model, block, max_new, threshold, ca
     if threshold is None:
         assert set(stats["per_step"]) == {1}  # one committed slot per denoising step
 
+
+
+LEFTMOST_CASES = [(4, 16, 0.9, True, 31, 5), (4, 16, 0.3, True, 32, 9), (8, 24, 0.5, True, 33, 6),
+                  (8, 24, None, True, 34, 4), (8, 16, 0.9, False, 35, 7)]
+
+
+@pytest.mark.parametrize("block,max_new,threshold,causal,seed,length", LEFTMOST_CASES)
+def test_leftmost_commit_order_matches_reference(confident_model, block, max_new, threshold, causal, seed, length):
+    """commit_order="leftmost": each step commits the slots at or above the threshold plus the leftmost masked one
+    (without a threshold: the schedule's count from the left, i.e. left to right, one per step)."""
+    prompt = random_prompt(seed, length)
+    ref, stats = reference_diffusion_generate(confident_model, prompt, max_new, block, threshold, causal_context=causal,
+                                              leftmost=True)
+    out = gen(confident_model, prompt, block_size=block, confidence_threshold=threshold, causal_context=causal,
+              max_new_tokens=max_new, commit_order="leftmost")
+    assert out.sequences.tolist() == ref.tolist()
+    assert int(out.num_forwards[0]) == expected_forwards(stats)
+
+
+def test_commit_orders_differ(confident_model):
+    """The two orders are different rules: on the same prompts the leftmost order commits other tokens somewhere
+    (else the test above could not tell them apart)."""
+    outputs = {}
+    for order in COMMIT_ORDERS:
+        outputs[order] = [gen(confident_model, random_prompt(seed, 6), block_size=8, confidence_threshold=0.9,
+                              max_new_tokens=16, commit_order=order).sequences.tolist() for seed in range(40, 46)]
+    assert outputs["leftmost"] != outputs["most_confident"]
+
+
+def test_commit_order_in_another_mode_warns(plain_model):
+    with pytest.warns(UserWarning, match="commit_order"):
+        plain_model.generate(random_prompt(1, 4), decode_mode="ar", max_new_tokens=2, commit_order="leftmost")
 
 class MaskShadowHead(torch.nn.Module):
     """LM head whose mask-token logit sits `gap` below the best other logit: the mask id is never the argmax, but it
@@ -791,6 +832,8 @@ INVALID = [
     ("max_denoising_steps", -1),
     ("max_denoising_steps", 2.5),
     ("max_denoising_steps", True),
+    ("commit_order", "rightmost"),
+    ("commit_order", None),
 ]
 
 
