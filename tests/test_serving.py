@@ -50,6 +50,8 @@ DEFAULT_MODE = {"decode_mode": "linear_spec", "block_size": 4}
 MODE_SETTINGS = {
     "ar": {"decode_mode": "ar"},
     "diffusion": {"decode_mode": "diffusion", "block_size": 4, "confidence_threshold": 0.5, "max_denoising_steps": 3},
+    "diffusion_leftmost": {"decode_mode": "diffusion", "block_size": 4, "confidence_threshold": 0.5,
+                           "commit_order": "leftmost"},
     "linear_spec": {"decode_mode": "linear_spec", "block_size": 4, "drafter_adapter": "drafter"},
     "linear_spec_tree": {"decode_mode": "linear_spec", "block_size": 4, "tree_width": 3, "tree_slots": 2},
     "quadratic_spec": {
@@ -319,6 +321,8 @@ BAD_REQUESTS = {
                      ["`block_size`=0", "int >= 1"]),
     "threshold 2": (dict(extra_body={"decode_mode": "diffusion", "confidence_threshold": 2}), 400,
                     ["`confidence_threshold`=2", "(0, 1]"]),
+    "commit order": (dict(extra_body={"decode_mode": "diffusion", "commit_order": "random"}), 400,
+                     ["`commit_order`='random'", "'leftmost'"]),
     "malformed json": (dict(extra_body={"generation_config": '{"decode_mode": "ar",'}), 400,
                        ["`generation_config` is not valid JSON", "JSON object"]),
     "json not an object": (dict(extra_body={"generation_config": "[1, 2]"}), 400,
