@@ -1,5 +1,6 @@
 """Held-out, teacher-forced acceptance of a demo drafter: LinearSpec tokens per cycle at several block sizes, with
-the chain and with verify trees, and QuadraticSpec tokens per forward.
+the chain and with verify trees, QuadraticSpec tokens per forward, and the accuracy of diffusion's later denoising
+steps (blocks partly revealed).
 
     python -m benchmarks.draft_acceptance --data runs/data/heldout.jsonl [--adapter FOLDER] [--blocks 4,8,16]
                                           [--trees 2x3,3x3,4x4] [--sequences 32] [--out PREFIX]
@@ -57,10 +58,12 @@ def main(argv=None):
         for block in blocks:
             started = time.perf_counter()
             metrics = evaluate_model(model, records, target="drafter", block_size=block, acceptance_block_size=block,
-                                     layouts=("linear", ("quadratic", args.quadratic_block)), tree_shapes=trees)
+                                     layouts=("linear", "denoise", ("quadratic", args.quadratic_block)),
+                                     tree_shapes=trees)
             row = {"adapter": adapter, "block_size": block, "chain": metrics["tokens_per_cycle"],
                    "quadratic_tokens_per_forward": metrics["quadratic_tokens_per_forward"],
-                   "draft_kl": metrics["draft_kl"], "seconds": time.perf_counter() - started}
+                   "draft_kl": metrics["draft_kl"], "denoise_accuracy": metrics["denoise_accuracy"],
+                   "seconds": time.perf_counter() - started}
             for width, slots in trees:
                 row[f"tree {width}x{slots}"] = metrics[f"tree{width}x{slots}_tokens_per_cycle"]
             rows.append(row)
@@ -69,14 +72,17 @@ def main(argv=None):
     lines = [
         f"Held-out teacher-forced acceptance ({len(records)} sequences of {args.data}, {args.dtype}): LinearSpec "
         f"tokens per draft/verify cycle with the chain and with verify trees (WIDTHxSLOTS), and QuadraticSpec "
-        f"(B={args.quadratic_block}) tokens per forward.",
+        f"(B={args.quadratic_block}) tokens per forward; diffusion's later denoising steps: the share of masked slots "
+        f"guessed right (greedy) in blocks with each slot revealed with probability r ~ U(0, 1) (the denoise "
+        f"layout).",
         "",
-        "| adapter | block | " + " | ".join(columns) + " | QuadraticSpec tok/fwd | draft KL |",
-        "|---|---|" + "---|" * len(columns) + "---|---|",
+        "| adapter | block | " + " | ".join(columns) + " | QuadraticSpec tok/fwd | denoise accuracy | draft KL |",
+        "|---|---|" + "---|" * len(columns) + "---|---|---|",
     ]
     for row in rows:
         lines.append(f"| {row['adapter']} | {row['block_size']} | " + " | ".join(f"{row[c]:.2f}" for c in columns)
-                     + f" | {row['quadratic_tokens_per_forward']:.2f} | {row['draft_kl']:.3f} |")
+                     + f" | {row['quadratic_tokens_per_forward']:.2f} | {row['denoise_accuracy']:.3f} "
+                     f"| {row['draft_kl']:.3f} |")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     if args.out:
