@@ -71,7 +71,7 @@ class NemotronDiffusionGenerationConfig(GenerationConfig):
             that every step commits at least one): the most confident masked slot (`"most_confident"`, NVIDIA's
             rule) or the leftmost masked slot (`"leftmost"`, which keeps the committed prefix growing); without a
             threshold, the schedule's count of slots in that order. The demo drafter's settings choose `"leftmost"`
-            (docs/cpu-performance.md §7).
+            (docs/reference-model.md §7.3).
         max_thinking_tokens (`int`, *optional*), end_think_token_id (`int`, *optional*):
             Thinking budget: generated token number `max_thinking_tokens + 1` is `end_think_token_id` unless that
             token appeared before (the same rule in every mode).
@@ -225,4 +225,7 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-__all__ = ["COMMIT_ORDERS", "DECODE_MODES", "DRAFTING_MODES", "GENERATION_FIELDS", "NemotronDiffusionGenerationConfig", "mode_field"]
+__all__ = [
+    "COMMIT_ORDERS", "DECODE_MODES", "DRAFTING_MODES", "GENERATION_FIELDS", "NemotronDiffusionGenerationConfig",
+    "mode_field",
+]

@@ -482,10 +482,10 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         slots start masked. Each denoising forward reads the prefix cache without writing it; every masked slot
         whose confidence (probability of its candidate, at T=1) reaches the threshold is committed, plus the most
         confident one or, with `commit_order="leftmost"`, the leftmost masked one (without a threshold, the
-        schedule's count in that order: one per step). Candidates are the argmax or,
-        at T > 0, a Gumbel-max sample of the processed scores. Committed tokens never change, so the contiguous
-        committed prefix of the block is emitted (and checked by the stopping criteria) as soon as it grows. One
-        causal forward per block then writes the block to the cache and yields the next seed.
+        schedule's count in that order: one per step). Candidates are the argmax or, at T > 0, a Gumbel-max sample
+        of the processed scores. Committed tokens never change, so the contiguous committed prefix of the block is
+        emitted (and checked by the stopping criteria) as soon as it grows. One causal forward per block then
+        writes the block to the cache and yields the next seed.
         """
         config = generation_config
         mask_id, end_think = self.config.mask_token_id, config.end_think_token_id

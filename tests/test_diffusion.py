@@ -270,8 +270,8 @@ def test_leftmost_commit_order_matches_reference(confident_model, block, max_new
     """commit_order="leftmost": each step commits the slots at or above the threshold plus the leftmost masked one
     (without a threshold: the schedule's count from the left, i.e. left to right, one per step)."""
     prompt = random_prompt(seed, length)
-    ref, stats = reference_diffusion_generate(confident_model, prompt, max_new, block, threshold, causal_context=causal,
-                                              leftmost=True)
+    ref, stats = reference_diffusion_generate(confident_model, prompt, max_new, block, threshold,
+                                              causal_context=causal, leftmost=True)
     out = gen(confident_model, prompt, block_size=block, confidence_threshold=threshold, causal_context=causal,
               max_new_tokens=max_new, commit_order="leftmost")
     assert out.sequences.tolist() == ref.tolist()

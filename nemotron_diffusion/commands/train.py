@@ -38,8 +38,8 @@ def add_arguments(parser):
     parser.add_argument("--blocks-per-sequence", type=int, default=12, help="drafter: draft blocks per sequence")
     parser.add_argument("--layouts", default="linear",
                         help="drafter: comma-separated draft layouts trained together, each NAME[:BLOCK_SIZE]: linear "
-                             "(LinearSpec drafts, diffusion's first step), denoise (diffusion's later steps: blocks partly "
-                             "revealed) and/or quadratic (QuadraticSpec's mask rows)")
+                             "(LinearSpec drafts, diffusion's first step), denoise (diffusion's later steps: "
+                             "blocks partly revealed) and/or quadratic (QuadraticSpec's mask rows)")
     parser.add_argument("--paradigm", choices=("block_diff", "bidirectional", "autoregressive"), default="block_diff",
                         help="full target: the objective (config.dlm_paradigm)")
     parser.add_argument("--ar-loss-weight", type=float, default=1.0, help="full target, block_diff: AR loss weight")
