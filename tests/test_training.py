@@ -178,13 +178,18 @@ def test_hand_checked_drafter_kl_is_zero_for_identical_teacher_and_student():
     assert int(out.num_targets) == 3 + 3 + 1  # the block at 10 has one target left (position 11)
 
 
-def test_drafter_layout_equals_linear_spec_draft_forwards():
+def _layout_case(seed, starts):
+    """A drafter, its core model, random ids [2, 30] and a drafter batch with the given block starts [2, 4]."""
     model = _drafter()
-    core = unwrap_model(model)
-    ids = torch.randint(3, MASK_ID, (2, 30), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, MASK_ID, (2, 30), generator=torch.Generator().manual_seed(seed))
+    starts = torch.tensor(starts)
+    return model, unwrap_model(model), ids, starts, {"input_ids": ids, "block_starts": starts,
+                                                     "lengths": torch.tensor([30, 30])}
+
+
+def test_drafter_layout_equals_linear_spec_draft_forwards():
+    model, core, ids, starts, batch = _layout_case(0, [[3, 10, 25, -1], [0, 7, 20, 28]])
     block = 5
-    starts = torch.tensor([[3, 10, 25, -1], [0, 7, 20, 28]])
-    batch = {"input_ids": ids, "block_starts": starts, "lengths": torch.tensor([30, 30])}
     captured = []
     hook = core.diffusion_head.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
     with torch.no_grad():
@@ -227,12 +232,8 @@ def test_drafter_layout_equals_linear_spec_draft_forwards():
 def test_drafter_quadratic_layout_equals_quadratic_spec_mask_rows():
     """The "quadratic" layout computes what a QuadraticSpec chunk row's masks compute: B masks after the seed c,
     seeing the causal cache up to and including c and each other; acceptance counts from slot 1."""
-    model = _drafter()
-    core = unwrap_model(model)
-    ids = torch.randint(3, MASK_ID, (2, 30), generator=torch.Generator().manual_seed(1))
+    model, core, ids, starts, batch = _layout_case(1, [[3, 10, 25, -1], [0, 7, 20, 27]])
     block = 4
-    starts = torch.tensor([[3, 10, 25, -1], [0, 7, 20, 27]])
-    batch = {"input_ids": ids, "block_starts": starts, "lengths": torch.tensor([30, 30])}
     captured = []
     hook = core.diffusion_head.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
     with torch.no_grad():
@@ -273,12 +274,8 @@ def test_drafter_denoise_layout_equals_partly_revealed_diffusion_steps():
     """The "denoise" layout computes what a later diffusion denoising step computes: the seed block with some slots
     already holding their (data) tokens, the rest masked; the draws come from `generator` alone, only masked slots
     are trained, and its accuracy counts the greedy-right guesses among them."""
-    model = _drafter()
-    core = unwrap_model(model)
-    ids = torch.randint(3, MASK_ID, (2, 30), generator=torch.Generator().manual_seed(2))
+    model, core, ids, starts, batch = _layout_case(2, [[3, 10, 22, -1], [0, 7, 16, 24]])
     block = 5
-    starts = torch.tensor([[3, 10, 22, -1], [0, 7, 16, 24]])
-    batch = {"input_ids": ids, "block_starts": starts, "lengths": torch.tensor([30, 30])}
     captured = []
     hook = core.encoder.register_forward_hook(lambda m, i, kw, o: captured.append(kw["input_ids"].clone()),
                                               with_kwargs=True)
