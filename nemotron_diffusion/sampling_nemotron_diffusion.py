@@ -254,9 +254,10 @@ def select_commits(confidence, masked, threshold, *, masks_at_start=None, step=0
     rows = torch.arange(batch, device=confidence.device)
     if last_step:
         return masked.clone()
-    # Priority of each slot: its confidence, or its distance from the block's end (the leftmost masked slot first).
-    priority = torch.arange(length, 0, -1, device=confidence.device).expand(batch, -1) if leftmost else confidence
-    priority = torch.where(masked, priority.to(confidence.dtype), -math.inf)
+    priority = confidence  # -inf outside masked slots
+    if leftmost:  # the leftmost masked slot first: the priority falls with the position
+        positions = torch.arange(length, 0, -1, device=confidence.device, dtype=confidence.dtype)
+        priority = torch.where(masked, positions.expand(batch, -1), -math.inf)
     if threshold is None:
         steps = max_steps if max_steps is not None else int(masks_at_start.max().clamp(min=1))
         count = transfer_count(masks_at_start, max(steps, 1), step).clamp(min=1)

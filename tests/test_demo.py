@@ -73,6 +73,16 @@ def test_demo_self_speculation_equals_ar():
     assert int(linear.num_forwards[0]) < int(undrafted.num_forwards[0])
 
 
+def _saved_drafter(tmp_path):
+    """The folder of a tiny model's drafter adapter (untrained LoRA) saved under `tmp_path`."""
+    from conftest import tiny_model
+    from nemotron_diffusion.training import add_drafter_adapter
+
+    add_drafter_adapter(tiny_model(0), r=4, adapter_name="drafter").save_pretrained(tmp_path / "adapter")
+    folder = tmp_path / "adapter" / "drafter"
+    return folder if folder.is_dir() else tmp_path / "adapter"
+
+
 def test_attach_drafter_merged_formats(tmp_path):
     """attach_drafter's `merged`: "int8" keeps int8 merged draft weights and the int8 draft head for a bf16 model on a
     CPU (dense merged weights for a float32 one, where int8 does not pay off), the folder's drafter_settings.json
@@ -81,11 +91,7 @@ def test_attach_drafter_merged_formats(tmp_path):
 
     from conftest import tiny_model
     from nemotron_diffusion.drafting_nemotron_diffusion import MERGED_DRAFT_ATTRIBUTE
-    from nemotron_diffusion.training import add_drafter_adapter
-
-    add_drafter_adapter(tiny_model(0), r=4, adapter_name="drafter").save_pretrained(tmp_path / "adapter")
-    folder = tmp_path / "adapter" / "drafter"
-    folder = folder if folder.is_dir() else tmp_path / "adapter"
+    folder = _saved_drafter(tmp_path)
 
     def formats(model):
         kept = [getattr(m, MERGED_DRAFT_ATTRIBUTE) for m in model.modules() if hasattr(m, MERGED_DRAFT_ATTRIBUTE)]
@@ -113,11 +119,7 @@ def test_attach_drafter_takes_the_generation_fields_of_its_settings(tmp_path):
     """drafter_settings.json's `drafter_modes` and `commit_order` go into the model's generation config (and reach
     generate(): the model's diffusion then commits in that order); an invalid value is named."""
     from conftest import random_prompt, tiny_model
-    from nemotron_diffusion.training import add_drafter_adapter
-
-    add_drafter_adapter(tiny_model(0), r=4, adapter_name="drafter").save_pretrained(tmp_path / "adapter")
-    folder = tmp_path / "adapter" / "drafter"
-    folder = folder if folder.is_dir() else tmp_path / "adapter"
+    folder = _saved_drafter(tmp_path)
     (folder / demo.DRAFTER_SETTINGS_FILE).write_text(json.dumps({"drafter_modes": ["diffusion"],
                                                                  "commit_order": "leftmost"}))
     model = demo.attach_drafter(tiny_model(0, std=0.6), folder)
