@@ -21,8 +21,10 @@ An `:int8` suffix (linear_spec, diffusion) runs that configuration on a second c
 its merged weights as weight-only int8 (with an int8 draft head) instead of what the drafter's settings ask for
 (bf16 merged weights, prepacked on a CPU), so the two kinds of draft weights are compared in one interleaved run.
 Both copies keep prepacked bf16 weights on a CPU with bf16 (`load_demo`); `--no-packed` measures without them.
-Diffusion commits in the model's `commit_order` (the demo drafter's settings: `"leftmost"`); a `:most_confident` or
-`:leftmost` suffix asks for one.
+Diffusion commits by the model's `commit_order` and `defer_adjacent_repeats` (the demo drafter's settings:
+`"leftmost"`, True); a `:most_confident` or `:leftmost` suffix asks for an order, `:repeats` or `:defer` turns
+the deferral off or on. `adjacent repeats` counts tokens equal to the one before them (the stutter of parallel
+commits, "the the", which NLL and repeated 4-grams barely see).
 """
 
 import argparse
@@ -49,14 +51,17 @@ DEFAULT_CONFIGS = ("ar,diffusion:4,diffusion:3:t0.5,diffusion:4:t0.5,diffusion:8
 CONFIDENCE_THRESHOLD = 0.9  # diffusion mode, unless a configuration says otherwise (diffusion:B:tX)
 TREE_SLOTS = 3  # linear_spec:B:wN verifies a tree of width N over the first 3 draft slots
 STOCK = "stock"
+DEFER_SUFFIXES = {"defer": True, "repeats": False}  # diffusion:B:defer / :repeats -> defer_adjacent_repeats
+DEFER_LABELS = {True: "repeats deferred", False: "repeats not deferred"}
 
 
 def parse_configs(text):
-    """'ar,linear_spec:8:w3,diffusion:4:t0.5:int8' -> [("ar", None, None, None, False, None), ("linear_spec", 8, 3,
-    None, False, None), ("diffusion", 4, None, 0.5, True, None)]: (mode, block size, verify-tree width, diffusion
+    """'ar,linear_spec:8:w3,diffusion:4:t0.5:int8' -> [("ar", None, None, None, False, ()), ("linear_spec", 8, 3,
+    None, False, ()), ("diffusion", 4, None, 0.5, True, ())]: (mode, block size, verify-tree width, diffusion
     confidence threshold, whether the draft weights are merged as int8 instead of as the drafter's settings say
-    (`:int8`), diffusion's commit order (`:leftmost` / `:most_confident`; None: the model's generation config, which
-    the drafter's settings set)); AR is always measured."""
+    (`:int8`), diffusion's commit rules as (field, value) pairs: `:leftmost` / `:most_confident` set
+    `commit_order`, `:defer` / `:repeats` set `defer_adjacent_repeats` to True / False; a rule not named follows
+    the model's generation config, which the drafter's settings set); AR is always measured."""
     configs = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
@@ -64,12 +69,14 @@ def parse_configs(text):
         mode, *parts = item.split(":")
         if mode not in DECODE_MODES:
             raise SystemExit(f"--configs: mode {mode!r} is invalid; allowed: {', '.join(DECODE_MODES)}")
-        size, width, threshold, int8_drafts, order = None, None, None, False, None
+        size, width, threshold, int8_drafts, rules = None, None, None, False, {}
         for part in parts[1:]:
             if part == "int8" and mode in ("linear_spec", "diffusion"):
                 int8_drafts = True
             elif part in COMMIT_ORDERS and mode == "diffusion":
-                order = part
+                rules["commit_order"] = part
+            elif part in DEFER_SUFFIXES and mode == "diffusion":
+                rules["defer_adjacent_repeats"] = DEFER_SUFFIXES[part]
             elif part.startswith("w") and part[1:].isdigit() and mode == "linear_spec":
                 width = int(part[1:])
             elif part.startswith("t") and mode == "diffusion":
@@ -80,7 +87,8 @@ def parse_configs(text):
             else:
                 raise SystemExit(f"--configs: {item!r}: write linear_spec:B:wN (a tree of width N), "
                                  f"diffusion:B:tX (confidence threshold X), :int8 for int8 draft weights and, for "
-                                 f"diffusion, :leftmost or :most_confident (the commit order)")
+                                 f"diffusion, :leftmost or :most_confident (the commit order) and :defer or :repeats "
+                                 f"(whether a slot repeating its masked neighbour waits)")
         if mode != "ar":
             try:
                 size = int(parts[0] if parts and parts[0] else 8)
@@ -90,24 +98,25 @@ def parse_configs(text):
                 raise SystemExit(f"--configs: block size {size} of {mode} must be >= 2")
         if mode == "diffusion" and threshold is None:
             threshold = CONFIDENCE_THRESHOLD
-        if (mode, size, width, threshold, int8_drafts, order) not in configs:
-            configs.append((mode, size, width, threshold, int8_drafts, order))
-    return [("ar", None, None, None, False, None)] + [c for c in configs if c[0] != "ar"]
+        config = (mode, size, width, threshold, int8_drafts, tuple(sorted(rules.items())))
+        if config not in configs:
+            configs.append(config)
+    return [("ar", None, None, None, False, ())] + [c for c in configs if c[0] != "ar"]
 
 
 def label(config):
-    mode, size, width, threshold, int8_drafts, order = config
+    mode, size, width, threshold, int8_drafts, rules = config
     text = mode if size is None else f"{mode} B={size}"
     if threshold is not None:
         text = f"{text} threshold {threshold:g}"
-    if order is not None:
-        text = f"{text} {order}"
+    for field, value in rules:
+        text = f"{text} {value}" if field == "commit_order" else f"{text} {DEFER_LABELS[value]}"
     text = text if width is None else f"{text} tree {width}x{TREE_SLOTS}"
     return f"{text}, int8 draft weights" if int8_drafts else text
 
 
 def generate_kwargs(config, max_new_tokens, eos):
-    mode, size, width, threshold, _, order = config
+    mode, size, width, threshold, _, rules = config
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "decode_mode": mode,
               "return_dict_in_generate": True, "eos_token_id": eos}
     if size is not None:
@@ -116,8 +125,7 @@ def generate_kwargs(config, max_new_tokens, eos):
         kwargs.update(tree_width=width, tree_slots=TREE_SLOTS)
     if threshold is not None:
         kwargs["confidence_threshold"] = threshold
-    if order is not None:
-        kwargs["commit_order"] = order
+    kwargs.update(rules)
     return kwargs
 
 
@@ -139,6 +147,11 @@ def ar_nll(model, prompt, new):
 def repeated_4grams(tokens):
     grams = [tuple(tokens[i : i + 4]) for i in range(len(tokens) - 3)]
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def adjacent_repeats(tokens):
+    """How many tokens equal the token right before them."""
+    return sum(1 for before, token in zip(tokens, tokens[1:]) if token == before)
 
 
 def strip_eos(tokens, eos):
@@ -177,6 +190,7 @@ def measure(model, stock, prompts, configs, max_new_tokens, eos, pad, int8_model
         for m in row.values():
             m["nll"] = ar_nll(model, prompts[0], m["new"][0])
             m["repeated_4grams"] = repeated_4grams(m["new"][0])
+            m["adjacent_repeats"] = adjacent_repeats(m["new"][0])
     return row
 
 
@@ -191,6 +205,7 @@ def summarize(rows, names):
             "median_tokens_per_forward": median([m["tokens_per_forward"] for m in mine if "tokens_per_forward" in m]),
             "median_nll": median([m["nll"] for m in mine if "nll" in m and m["nll"] == m["nll"]]),
             "median_repeated_4grams": median([m["repeated_4grams"] for m in mine if "repeated_4grams" in m]),
+            "total_adjacent_repeats": sum(m.get("adjacent_repeats", 0) for m in mine),
             "identical_to_ar": sum(bool(m["identical_to_ar"]) for m in mine),
             "groups": len(mine),
             "total_new_tokens": sum(m["new_tokens"] for m in mine),
@@ -201,8 +216,8 @@ def summarize(rows, names):
 def table(summary, title):
     lines = [f"**{title}**", "",
              "| configuration | tokens / forward | tok/s | vs stock | vs our AR | = AR tokens | NLL / token | "
-             "repeated 4-grams |",
-             "|---|---|---|---|---|---|---|---|"]
+             "repeated 4-grams | adjacent repeats (all prompts) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in summary.items():
         tpf = "-" if r["median_tokens_per_forward"] != r["median_tokens_per_forward"] else \
             f"{r['median_tokens_per_forward']:.2f}"
@@ -210,7 +225,8 @@ def table(summary, title):
         rep = "-" if r["median_repeated_4grams"] != r["median_repeated_4grams"] else \
             f"{r['median_repeated_4grams']:.2f}"
         lines.append(f"| {name} | {tpf} | {r['median_tok_s']:.1f} | {r['median_speed_vs_stock']:.2f}x | "
-                     f"{r['median_speed_vs_ar']:.2f}x | {r['identical_to_ar']}/{r['groups']} | {nll} | {rep} |")
+                     f"{r['median_speed_vs_ar']:.2f}x | {r['identical_to_ar']}/{r['groups']} | {nll} | {rep} | "
+                     f"{'-' if rep == '-' else r['total_adjacent_repeats']} |")
     return lines
 
 

@@ -131,17 +131,18 @@ def load_demo(drafter: bool = True, dtype=None, device=None, packed: bool = True
 
 
 # A drafter folder may say which modes' bidirectional forwards it serves (`drafter_modes` of the generation config)
-# and how diffusion commits with it (`commit_order`).
+# and how diffusion commits with it (`commit_order`, `defer_adjacent_repeats`).
 DRAFTER_SETTINGS_FILE = "drafter_settings.json"
-DRAFTER_GENERATION_FIELDS = ("drafter_modes", "commit_order")
+DRAFTER_GENERATION_FIELDS = ("drafter_modes", "commit_order", "defer_adjacent_repeats")
 
 
 def attach_drafter(model, folder, adapter_name: str = "drafter", merged=None):
     """Attaches the PEFT LoRA drafter saved in `folder` as adapter `adapter_name` and returns the model itself (the
     LoRA layers stay inside it). The model's generation config then names it (`drafter_adapter`), and takes the
-    `drafter_modes` and `commit_order` of the folder's `drafter_settings.json` when it sets them (the demo drafter
-    serves LinearSpec drafts, diffusion's denoising forwards and QuadraticSpec's mask slots, and diffusion commits
-    the leftmost masked slot when none is confident); generate() runs it in those forwards only, every causal
+    `drafter_modes`, `commit_order` and `defer_adjacent_repeats` of the folder's `drafter_settings.json` when it
+    sets them (the demo drafter serves LinearSpec drafts, diffusion's denoising forwards and QuadraticSpec's mask
+    slots; diffusion commits the leftmost masked slot when none is confident and defers a slot that repeats its
+    masked neighbour's candidate); generate() runs it in those forwards only, every causal
     forward with the base weights.
 
     `merged`: keep merged draft weights (`model.enable_merged_drafter`: draft forwards at a base forward's cost, one

@@ -19,6 +19,7 @@ GENERATION_FIELDS = {
     "causal_context": True,
     "max_denoising_steps": None,
     "commit_order": "most_confident",
+    "defer_adjacent_repeats": False,
     "max_thinking_tokens": None,
     "end_think_token_id": None,
     "drafter_adapter": None,
@@ -72,7 +73,13 @@ class NemotronDiffusionGenerationConfig(GenerationConfig):
             rule) or the leftmost masked slot (`"leftmost"`, which keeps the committed prefix growing); without a
             threshold, the schedule's count of slots in that order. The demo drafter's settings choose `"leftmost"`
             (docs/reference-model.md §7.3).
-        max_thinking_tokens (`int`, *optional*), end_think_token_id (`int`, *optional*):
+        defer_adjacent_repeats (`bool`, *optional*, defaults to `False`):
+            Diffusion: a masked slot whose candidate equals the candidate of its left neighbour, itself still masked
+            when the step began, is not committed in that step but decided again in the next, after the neighbour.
+            Slots committed in one step never see each other, and two neighbours that both take the same word
+            ("the the") are the commonest flaw of parallel commits. NVIDIA's rule has no such check (`False`); the
+            demo drafter's settings turn it on (docs/reference-model.md §7.3).
+        max_thinking (`int`, *optional*), end_think_token_id (`int`, *optional*):
             Thinking budget: generated token number `max_thinking_tokens + 1` is `end_think_token_id` unless that
             token appeared before (the same rule in every mode).
         drafter_adapter (`str`, `False` or `None`, *optional*):
@@ -169,6 +176,9 @@ class NemotronDiffusionGenerationConfig(GenerationConfig):
         order = getattr(self, "commit_order", "most_confident")
         if order not in COMMIT_ORDERS:
             bad("commit_order", order, f"one of {COMMIT_ORDERS}")
+        defer = getattr(self, "defer_adjacent_repeats", False)
+        if not isinstance(defer, bool):
+            bad("defer_adjacent_repeats", defer, "True or False")
         budget = getattr(self, "max_thinking_tokens", None)
         if budget is not None and (not _is_int(budget) or budget < 0):
             bad("max_thinking_tokens", budget, "an int >= 0, or None")

@@ -482,8 +482,9 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         slots start masked. Each denoising forward reads the prefix cache without writing it; every masked slot
         whose confidence (probability of its candidate, at T=1) reaches the threshold is committed, plus the most
         confident one or, with `commit_order="leftmost"`, the leftmost masked one (without a threshold, the
-        schedule's count in that order: one per step). Candidates are the argmax or, at T > 0, a Gumbel-max sample
-        of the processed scores. Committed tokens never change, so the contiguous committed prefix of the block is
+        schedule's count in that order: one per step). With `defer_adjacent_repeats`, a slot whose candidate equals
+        its still-masked left neighbour's waits for a later step. Candidates are the argmax or, at T > 0, a
+        Gumbel-max sample of the processed scores. Committed tokens never change, so the contiguous committed prefix of the block is
         emitted (and checked by the stopping criteria) as soon as it grows. One causal forward per block then
         writes the block to the cache and yields the next seed.
         """
@@ -535,6 +536,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
                     confidence, masked, threshold, masks_at_start=masks_at_start, step=steps - 1,
                     max_steps=config.max_denoising_steps, last_step=last_step,
                     leftmost=config.commit_order == "leftmost",
+                    candidates=candidates if config.defer_adjacent_repeats else None,
                 )
                 commit &= live[:, None]
                 block = torch.where(commit, candidates, block)

@@ -244,29 +244,38 @@ def transfer_count(masks_at_start, steps, step):
 
 
 def select_commits(confidence, masked, threshold, *, masks_at_start=None, step=0, max_steps=None, last_step=False,
-                   leftmost=False):
+                   leftmost=False, candidates=None):
     """Which masked slots [B, L] a denoising step commits. confidence [B, L] is -inf outside masked slots.
 
     With a threshold: every masked slot at or above it, plus one, so that each step commits: the most confident
     masked slot, or with `leftmost` the leftmost masked slot. Without: the schedule's count of masked slots, taken
-    by confidence or, with `leftmost`, from the left. `last_step` commits every masked slot."""
+    by confidence or, with `leftmost`, from the left. `last_step` commits every masked slot.
+
+    `candidates` [B, L] (`defer_adjacent_repeats`): a masked slot whose candidate equals that of its left
+    neighbour, itself masked, is deferred to a later step. The leftmost masked slot of a row is never deferred (its
+    left neighbour is committed), so every step still commits."""
     batch, length = confidence.shape
     rows = torch.arange(batch, device=confidence.device)
     if last_step:
         return masked.clone()
-    priority = confidence  # -inf outside masked slots
+    eligible = masked
+    if candidates is not None:
+        repeat = torch.zeros_like(masked)
+        repeat[:, 1:] = masked[:, :-1] & (candidates[:, 1:] == candidates[:, :-1])
+        eligible = masked & ~repeat
+    priority = torch.where(eligible, confidence, -math.inf)
     if leftmost:  # the leftmost masked slot first: the priority falls with the position
         positions = torch.arange(length, 0, -1, device=confidence.device, dtype=confidence.dtype)
-        priority = torch.where(masked, positions.expand(batch, -1), -math.inf)
+        priority = torch.where(eligible, positions.expand(batch, -1), -math.inf)
     if threshold is None:
         steps = max_steps if max_steps is not None else int(masks_at_start.max().clamp(min=1))
         count = transfer_count(masks_at_start, max(steps, 1), step).clamp(min=1)
-        count = torch.minimum(count, masked.sum(dim=1))
+        count = torch.minimum(count, eligible.sum(dim=1))
         order = priority.argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(order)
         rank[rows[:, None], order] = torch.arange(length, device=confidence.device)[None, :]
-        return masked & (rank < count[:, None])
-    commit = masked & (confidence >= threshold)
+        return eligible & (rank < count[:, None])
+    commit = eligible & (confidence >= threshold)
     first = priority.argmax(dim=1)
     commit[rows, first] |= masked.any(dim=1)
     return commit

@@ -101,6 +101,7 @@ def validate_generate_inputs(input_ids, attention_mask, model_config):
 _MODE_ONLY_FIELDS = {
     "max_denoising_steps": (("diffusion",), "decode_mode='diffusion'"),
     "commit_order": (("diffusion",), "decode_mode='diffusion'"),
+    "defer_adjacent_repeats": (("diffusion",), "decode_mode='diffusion'"),
     "confidence_threshold": (("diffusion", "linear_spec", "quadratic_spec"), "the non-AR modes"),
     "tree_width": (("linear_spec",), "decode_mode='linear_spec'"),
 }

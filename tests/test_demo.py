@@ -25,7 +25,7 @@ def test_shipped_drafter_adapter():
     with open(os.path.join(folder, demo.DRAFTER_SETTINGS_FILE)) as f:
         settings = json.load(f)
     assert settings == {"drafter_modes": ["linear_spec", "diffusion", "quadratic_spec"], "commit_order": "leftmost",
-                        "merged_drafter": True}
+                        "defer_adjacent_repeats": True, "merged_drafter": True}
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
@@ -116,8 +116,9 @@ def test_attach_drafter_merged_formats(tmp_path):
 
 
 def test_attach_drafter_takes_the_generation_fields_of_its_settings(tmp_path):
-    """drafter_settings.json's `drafter_modes` and `commit_order` go into the model's generation config (and reach
-    generate(): the model's diffusion then commits in that order); an invalid value is named."""
+    """drafter_settings.json's `drafter_modes`, `commit_order` and `defer_adjacent_repeats` go into the model's
+    generation config (and reach generate(): the model's diffusion then commits by those rules); an invalid value is
+    named."""
     from conftest import random_prompt, tiny_model
     folder = _saved_drafter(tmp_path)
     (folder / demo.DRAFTER_SETTINGS_FILE).write_text(json.dumps({"drafter_modes": ["diffusion"],
@@ -132,6 +133,20 @@ def test_attach_drafter_takes_the_generation_fields_of_its_settings(tmp_path):
         leftmost = model.generate(prompt, commit_order="leftmost", **kwargs)
         most_confident = model.generate(prompt, commit_order="most_confident", **kwargs)
     assert torch.equal(saved, leftmost) and not torch.equal(saved, most_confident)
+    (folder / demo.DRAFTER_SETTINGS_FILE).write_text(json.dumps({"defer_adjacent_repeats": True}))
+    model = demo.attach_drafter(tiny_model(0, std=0.6), folder)
+    assert model.generation_config.defer_adjacent_repeats is True
+    kwargs["confidence_threshold"] = 0.3
+    with torch.no_grad():
+        forwards = [int(model.generate(random_prompt(seed, 6), return_dict_in_generate=True, **kwargs)
+                        .num_forwards[0]) for seed in range(60, 64)]
+        undeferred = [int(model.generate(random_prompt(seed, 6), return_dict_in_generate=True,
+                                         defer_adjacent_repeats=False, **kwargs).num_forwards[0])
+                      for seed in range(60, 64)]
+    assert forwards != undeferred
     (folder / demo.DRAFTER_SETTINGS_FILE).write_text(json.dumps({"commit_order": "random"}))
     with pytest.raises(ValueError, match=r"`commit_order`='random' is invalid"):
+        demo.attach_drafter(tiny_model(0), folder)
+    (folder / demo.DRAFTER_SETTINGS_FILE).write_text(json.dumps({"defer_adjacent_repeats": "yes"}))
+    with pytest.raises(ValueError, match=r"`defer_adjacent_repeats`='yes' is invalid"):
         demo.attach_drafter(tiny_model(0), folder)

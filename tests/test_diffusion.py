@@ -28,6 +28,7 @@ from conftest import EOS_ID, MASK_ID, PAD_ID, left_pad, new_tokens, random_promp
 
 from nemotron_diffusion import NemotronDiffusionForCausalLM, NemotronDiffusionGenerateOutput
 from nemotron_diffusion.generation_config_nemotron_diffusion import COMMIT_ORDERS
+from nemotron_diffusion.sampling_nemotron_diffusion import select_commits
 
 
 # transformers 5.24 renamed generate's `past_key_values` to `cache` (the old name only warns).
@@ -130,10 +131,18 @@ def _num_transfer_tokens(mask_index, steps):
     return num
 
 
-def _get_transfer_index(logits, temperature, mask_index, x, num_transfer_tokens, threshold, mask_id, leftmost=False):
+def _get_transfer_index(logits, temperature, mask_index, x, num_transfer_tokens, threshold, mask_id, leftmost=False,
+                        defer_repeats=False):
     x0 = torch.argmax(_add_gumbel_noise(_without_mask(logits, mask_id), temperature), dim=-1)
     p = torch.softmax(logits, dim=-1)  # raw logits, T = 1, mask id included (NVIDIA's confidence)
     x0_p = torch.gather(p, dim=-1, index=x0.unsqueeze(-1)).squeeze(-1)
+    if defer_repeats:  # defer_adjacent_repeats (ours): a slot repeating its masked left neighbour's candidate waits
+        mask_index = mask_index.clone()
+        for j in range(mask_index.shape[0]):
+            for slot in range(mask_index.shape[1] - 1, 0, -1):
+                if mask_index[j, slot - 1] and x0[j, slot] == x0[j, slot - 1]:
+                    mask_index[j, slot] = False
+        num_transfer_tokens = torch.minimum(num_transfer_tokens, mask_index.sum(dim=1))
     x0 = torch.where(mask_index, x0, x)
     confidence = torch.where(mask_index, x0_p, torch.tensor(-math.inf))
     transfer_index = torch.zeros_like(x0, dtype=torch.bool)
@@ -160,7 +169,7 @@ def _get_transfer_index(logits, temperature, mask_index, x, num_transfer_tokens,
 @torch.no_grad()
 def reference_diffusion_generate(
     model, prompt_ids, max_new_tokens, block_length, threshold=None, causal_context=True, temperature=0.0, eos_token_id=None,
-    steps_per_block=None, leftmost=False,
+    steps_per_block=None, leftmost=False, defer_repeats=False,
 ):
     """NVIDIA's `generate` (docs/reference-model.md §7.3) for a batch of one, cache-free.
 
@@ -169,6 +178,7 @@ def reference_diffusion_generate(
     `steps_per_block` is `block_length` in NVIDIA's release; the transfer schedule takes any step count (their
     earlier `steps` argument), which is what `max_denoising_steps` means without a threshold. `leftmost` is our
     `commit_order="leftmost"` (not NVIDIA's): the leftmost masked slot instead of the most confident one.
+    `defer_repeats` is our `defer_adjacent_repeats=True` (not NVIDIA's either).
     """
     assert prompt_ids.shape[0] == 1
     assert max_new_tokens % block_length == 0
@@ -198,7 +208,8 @@ def reference_diffusion_generate(
             stats["denoise"] += 1
             logits = _block_logits(model, x, block_start, causal_context, prompt_length, block_length)
             x0, transfer = _get_transfer_index(
-                logits, temperature, mask_index, x[:, block_start:], num_transfer[:, i], threshold, mask_id, leftmost
+                logits, temperature, mask_index, x[:, block_start:], num_transfer[:, i], threshold, mask_id, leftmost,
+                defer_repeats,
             )
             stats["per_step"].append(int(transfer.sum()))
             region = x[:, block_start:]
@@ -286,6 +297,54 @@ def test_commit_orders_differ(confident_model):
         outputs[order] = [gen(confident_model, random_prompt(seed, 6), block_size=8, confidence_threshold=0.9,
                               max_new_tokens=16, commit_order=order).sequences.tolist() for seed in range(40, 46)]
     assert outputs["leftmost"] != outputs["most_confident"]
+
+
+DEFER_CASES = [(4, 16, 0.9, True, 51, 5, False), (4, 16, 0.3, True, 52, 9, True), (8, 24, 0.3, True, 53, 6, False),
+               (8, 24, None, True, 54, 4, True), (8, 16, 0.5, False, 55, 7, True), (8, 24, 0.2, True, 56, 8, True)]
+
+
+@pytest.mark.parametrize("block,max_new,threshold,causal,seed,length,leftmost", DEFER_CASES)
+def test_defer_adjacent_repeats_matches_reference(confident_model, block, max_new, threshold, causal, seed, length,
+                                                  leftmost):
+    """defer_adjacent_repeats=True: a masked slot whose candidate equals its masked left neighbour's is left for a
+    later step, in either commit order, with or without a threshold."""
+    prompt = random_prompt(seed, length)
+    ref, stats = reference_diffusion_generate(confident_model, prompt, max_new, block, threshold, causal_context=causal,
+                                              leftmost=leftmost, defer_repeats=True)
+    out = gen(confident_model, prompt, block_size=block, confidence_threshold=threshold, causal_context=causal,
+              max_new_tokens=max_new, commit_order="leftmost" if leftmost else "most_confident",
+              defer_adjacent_repeats=True)
+    assert out.sequences.tolist() == ref.tolist()
+    assert int(out.num_forwards[0]) == expected_forwards(stats)
+
+
+def test_defer_adjacent_repeats_changes_commits(confident_model):
+    """The deferral is not a no-op on these models (else the reference test above could not tell it apart)."""
+    forwards = {}
+    for defer in (False, True):
+        forwards[defer] = [int(gen(confident_model, random_prompt(seed, 6), block_size=8, confidence_threshold=0.3,
+                                   max_new_tokens=16, defer_adjacent_repeats=defer).num_forwards[0])
+                           for seed in range(60, 66)]
+    assert sum(forwards[True]) > sum(forwards[False])  # here the deferred slots cost forwards
+
+
+def test_select_commits_defers_a_slot_repeating_its_masked_neighbour():
+    masked = torch.tensor([[False, True, True, True, True]])
+    candidates = torch.tensor([[7, 7, 7, 7, 8]])
+    confidence = torch.tensor([[-math.inf, 0.95, 0.99, 0.97, 0.95]])
+    plain = select_commits(confidence, masked, 0.9)
+    assert plain.tolist() == [[False, True, True, True, True]]
+    # Slot 1's left neighbour (slot 0) is committed, so slot 1 may repeat it; slots 2 and 3 repeat a masked slot.
+    deferred = select_commits(confidence, masked, 0.9, candidates=candidates)
+    assert deferred.tolist() == [[False, True, False, False, True]]
+    # Below the threshold everywhere: the one slot every step commits is never a deferred one.
+    low = torch.tensor([[-math.inf, 0.2, 0.6, 0.5, 0.1]])
+    assert select_commits(low, masked, 0.9, candidates=candidates).tolist() == [[False, True, False, False, False]]
+    assert select_commits(low, masked, 0.9).tolist() == [[False, False, True, False, False]]
+    # The schedule (no threshold) takes its count among the slots that are not deferred.
+    schedule = select_commits(confidence, masked, None, masks_at_start=torch.tensor([4]), max_steps=2,
+                              candidates=candidates)
+    assert schedule.tolist() == [[False, True, False, False, True]]
 
 
 def test_commit_order_in_another_mode_warns(plain_model):
@@ -834,6 +893,8 @@ INVALID = [
     ("max_denoising_steps", True),
     ("commit_order", "rightmost"),
     ("commit_order", None),
+    ("defer_adjacent_repeats", "yes"),
+    ("defer_adjacent_repeats", None),
 ]
 
 

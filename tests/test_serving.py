@@ -51,7 +51,7 @@ MODE_SETTINGS = {
     "ar": {"decode_mode": "ar"},
     "diffusion": {"decode_mode": "diffusion", "block_size": 4, "confidence_threshold": 0.5, "max_denoising_steps": 3},
     "diffusion_leftmost": {"decode_mode": "diffusion", "block_size": 4, "confidence_threshold": 0.5,
-                           "commit_order": "leftmost"},
+                           "commit_order": "leftmost", "defer_adjacent_repeats": True},
     "linear_spec": {"decode_mode": "linear_spec", "block_size": 4, "drafter_adapter": "drafter"},
     "linear_spec_tree": {"decode_mode": "linear_spec", "block_size": 4, "tree_width": 3, "tree_slots": 2},
     "quadratic_spec": {
@@ -323,6 +323,8 @@ BAD_REQUESTS = {
                     ["`confidence_threshold`=2", "(0, 1]"]),
     "commit order": (dict(extra_body={"decode_mode": "diffusion", "commit_order": "random"}), 400,
                      ["`commit_order`='random'", "'leftmost'"]),
+    "defer repeats": (dict(extra_body={"decode_mode": "diffusion", "defer_adjacent_repeats": "yes"}), 400,
+                      ["`defer_adjacent_repeats`='yes'", "True or False"]),
     "malformed json": (dict(extra_body={"generation_config": '{"decode_mode": "ar",'}), 400,
                        ["`generation_config` is not valid JSON", "JSON object"]),
     "json not an object": (dict(extra_body={"generation_config": "[1, 2]"}), 400,
