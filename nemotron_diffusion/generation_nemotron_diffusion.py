@@ -484,9 +484,9 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         confident one or, with `commit_order="leftmost"`, the leftmost masked one (without a threshold, the
         schedule's count in that order: one per step). With `defer_adjacent_repeats`, a slot whose candidate equals
         its still-masked left neighbour's waits for a later step. Candidates are the argmax or, at T > 0, a
-        Gumbel-max sample of the processed scores. Committed tokens never change, so the contiguous committed prefix of the block is
-        emitted (and checked by the stopping criteria) as soon as it grows. One causal forward per block then
-        writes the block to the cache and yields the next seed.
+        Gumbel-max sample of the processed scores. Committed tokens never change, so the contiguous committed
+        prefix of the block is emitted (and checked by the stopping criteria) as soon as it grows. One causal
+        forward per block then writes the block to the cache and yields the next seed.
         """
         config = generation_config
         mask_id, end_think = self.config.mask_token_id, config.end_think_token_id

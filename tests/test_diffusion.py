@@ -309,8 +309,8 @@ def test_defer_adjacent_repeats_matches_reference(confident_model, block, max_ne
     """defer_adjacent_repeats=True: a masked slot whose candidate equals its masked left neighbour's is left for a
     later step, in either commit order, with or without a threshold."""
     prompt = random_prompt(seed, length)
-    ref, stats = reference_diffusion_generate(confident_model, prompt, max_new, block, threshold, causal_context=causal,
-                                              leftmost=leftmost, defer_repeats=True)
+    ref, stats = reference_diffusion_generate(confident_model, prompt, max_new, block, threshold,
+                                              causal_context=causal, leftmost=leftmost, defer_repeats=True)
     out = gen(confident_model, prompt, block_size=block, confidence_threshold=threshold, causal_context=causal,
               max_new_tokens=max_new, commit_order="leftmost" if leftmost else "most_confident",
               defer_adjacent_repeats=True)
