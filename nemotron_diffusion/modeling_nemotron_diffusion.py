@@ -29,7 +29,6 @@ from transformers.masking_utils import create_bidirectional_mask, create_causal_
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.ministral3.modeling_ministral3 import (
-    Ministral3Attention,
     Ministral3DecoderLayer,
     Ministral3RMSNorm,
     Ministral3RotaryEmbedding,
@@ -37,6 +36,7 @@ from transformers.models.ministral3.modeling_ministral3 import (
 from transformers.utils import CONFIG_NAME, is_flash_attn_2_available, is_flash_attn_3_available
 from transformers.utils.output_capturing import capture_outputs
 
+from .attention_nemotron_diffusion import NemotronDiffusionAttention, NemotronDiffusionDecoderLayer, query_scale
 from .cache_nemotron_diffusion import ReadOnlyCache, is_static_cache, rewind_cache
 from .configuration_nemotron_diffusion import NemotronDiffusionConfig
 from .generation_config_nemotron_diffusion import NemotronDiffusionGenerationConfig
@@ -90,14 +90,14 @@ class NemotronDiffusionPreTrainedModel(PreTrainedModel):
     config_class = NemotronDiffusionConfig
     base_model_prefix = "encoder"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Ministral3DecoderLayer"]
+    _no_split_modules = ["NemotronDiffusionDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _can_compile_fullgraph = True
     _supports_attention_backend = True
-    _can_record_outputs = {"hidden_states": Ministral3DecoderLayer, "attentions": Ministral3Attention}
+    _can_record_outputs = {"hidden_states": NemotronDiffusionDecoderLayer, "attentions": NemotronDiffusionAttention}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -166,7 +166,7 @@ class NemotronDiffusionModel(NemotronDiffusionPreTrainedModel):
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(
-            [Ministral3DecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+            [NemotronDiffusionDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
         self.norm = Ministral3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Ministral3RotaryEmbedding(config=config)
@@ -288,6 +288,8 @@ class NemotronDiffusionModel(NemotronDiffusionPreTrainedModel):
         # `is_causal` reaches the kernels: sdpa and flash otherwise fall back to the module's `is_causal=True` when
         # no mask was needed (no padding), which would make a bidirectional call silently causal.
         kwargs["is_causal"] = is_causal
+        # The Llama-4 query scale depends on the positions only: computed once, not in each layer.
+        kwargs["query_scale"] = query_scale(self.config, position_ids)
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states = decoder_layer(
                 hidden_states,

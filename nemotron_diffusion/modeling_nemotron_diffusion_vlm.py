@@ -98,7 +98,7 @@ class NemotronDiffusionVLMModel(NemotronDiffusionModel):
     `input_ids` equal to `config.image_token_id` get the image features (images in order, each image row-major)."""
 
     config_class = NemotronDiffusionVLMConfig
-    _no_split_modules = ["Ministral3DecoderLayer", "PixtralAttentionLayer"]
+    _no_split_modules = ["NemotronDiffusionDecoderLayer", "PixtralAttentionLayer"]
 
     def __init__(self, config: NemotronDiffusionVLMConfig):
         super().__init__(config)
@@ -173,7 +173,7 @@ class NemotronDiffusionVLMForConditionalGeneration(NemotronDiffusionForCausalLM)
     the image marker ids and the mask id are never generated (they are suppressed in every mode)."""
 
     config_class = NemotronDiffusionVLMConfig
-    _no_split_modules = ["Ministral3DecoderLayer", "PixtralAttentionLayer"]
+    _no_split_modules = ["NemotronDiffusionDecoderLayer", "PixtralAttentionLayer"]
     input_modalities = ("image", "text")
     _accepts_image_inputs = True
 

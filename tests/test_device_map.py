@@ -40,7 +40,7 @@ def saved(tmp_path_factory):
 
 def test_declared_split_and_tp_plans():
     model = tiny_model()
-    assert set(model._no_split_modules) == {"Ministral3DecoderLayer"}
+    assert set(model._no_split_modules) == {"NemotronDiffusionDecoderLayer"}
     plan = model._tp_plan
     assert plan["diffusion_head"] == "colwise_gather_output"
     # the config's backbone plan (keyed `layers.*`) is prefixed with our backbone's name, `encoder`
