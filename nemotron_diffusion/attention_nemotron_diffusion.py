@@ -3,8 +3,8 @@
 
 Ministral3 attention multiplies the queries by 1 + beta * ln(1 + floor(position / original_max_position_embeddings)),
 a [batch, 1, K, 1] tensor that depends on the positions and the config only, and it computes it again in every layer:
-six small ops per layer. For a small model on a CPU those ops are a few percent of a forward (the 135M demo:
-3-5% of a 4- to 14-token forward, `benchmarks/results/query_scale_cpu.md`). The backbone computes the scale once
+six small ops per layer. For a small model on a CPU those ops are a few percent of a forward (the 135M demo in
+bf16: 3-4% of a generate() call in AR, LinearSpec and diffusion, `benchmarks/results/query_scale_cpu.md`). The backbone computes the scale once
 (`query_scale`) and passes it to every layer; with beta 0 (every converted Llama / Mistral checkpoint) the scale is
 exactly 1 and the multiplication is skipped. The products are the same as Ministral3's, bit for bit. Parameter names
 do not change, so checkpoints load as before.
