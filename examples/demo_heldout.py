@@ -24,7 +24,8 @@ Both copies keep prepacked bf16 weights on a CPU with bf16 (`load_demo`); `--no-
 Diffusion commits by the model's `commit_order` and `defer_adjacent_repeats` (the demo drafter's settings:
 `"leftmost"`, True); a `:most_confident` or `:leftmost` suffix asks for an order, `:repeats` or `:defer` turns
 the deferral off or on. `adjacent repeats` counts tokens equal to the one before them (the stutter of parallel
-commits, "the the", which NLL and repeated 4-grams barely see).
+commits, "the the", which NLL and repeated 4-grams barely see): the median per prompt, and the sum over prompts
+(which one degenerate output can dominate).
 """
 
 import argparse
@@ -205,6 +206,7 @@ def summarize(rows, names):
             "median_tokens_per_forward": median([m["tokens_per_forward"] for m in mine if "tokens_per_forward" in m]),
             "median_nll": median([m["nll"] for m in mine if "nll" in m and m["nll"] == m["nll"]]),
             "median_repeated_4grams": median([m["repeated_4grams"] for m in mine if "repeated_4grams" in m]),
+            "median_adjacent_repeats": median([m["adjacent_repeats"] for m in mine if "adjacent_repeats" in m]),
             "total_adjacent_repeats": sum(m.get("adjacent_repeats", 0) for m in mine),
             "identical_to_ar": sum(bool(m["identical_to_ar"]) for m in mine),
             "groups": len(mine),
@@ -216,7 +218,7 @@ def summarize(rows, names):
 def table(summary, title):
     lines = [f"**{title}**", "",
              "| configuration | tokens / forward | tok/s | vs stock | vs our AR | = AR tokens | NLL / token | "
-             "repeated 4-grams | adjacent repeats (all prompts) |",
+             "repeated 4-grams | adjacent repeats: median (all prompts) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in summary.items():
         tpf = "-" if r["median_tokens_per_forward"] != r["median_tokens_per_forward"] else \
@@ -224,9 +226,10 @@ def table(summary, title):
         nll = "-" if r["median_nll"] != r["median_nll"] else f"{r['median_nll']:.2f}"
         rep = "-" if r["median_repeated_4grams"] != r["median_repeated_4grams"] else \
             f"{r['median_repeated_4grams']:.2f}"
+        adjacent = f"{r['median_adjacent_repeats']:g} ({r['total_adjacent_repeats']})"
         lines.append(f"| {name} | {tpf} | {r['median_tok_s']:.1f} | {r['median_speed_vs_stock']:.2f}x | "
                      f"{r['median_speed_vs_ar']:.2f}x | {r['identical_to_ar']}/{r['groups']} | {nll} | {rep} | "
-                     f"{'-' if rep == '-' else r['total_adjacent_repeats']} |")
+                     f"{'-' if rep == '-' else adjacent} |")
     return lines
 
 

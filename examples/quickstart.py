@@ -35,12 +35,12 @@ PROMPT = "Write a Python function that reverses a string."
 # grows with B * (B + 1) query tokens. LinearSpec verifies a tree: the drafter's top 3 at the first 3 draft slots
 # (the fastest LinearSpec setting on the held-out prompts, benchmarks/results/demo_heldout_cpu_bf16.md).
 DEMO_SETTINGS = {
-    # Diffusion commits every slot at or above 0.3, and the leftmost masked one when none is (the drafter's
-    # commit_order). B=4 is faster on the held-out prompts (1.54x stock) but on some prompts, this one included,
-    # writes a token twice ("-> ->") where two slots commit the same word in one step; B=3 keeps this text clean.
+    # Diffusion commits every slot at or above 0.3, and the leftmost masked one when none is; a slot repeating its
+    # still-masked neighbour's guess waits a step (the drafter's commit_order and defer_adjacent_repeats). B=4 is
+    # faster on the held-out prompts (1.48x stock, B=3 1.40x) but its text on this prompt is rougher than B=3's.
     "diffusion": {"block_size": 3, "confidence_threshold": 0.3},
     "linear_spec": {"block_size": 4, "tree_width": 3},
-    "quadratic_spec": {"block_size": 3},  # B*(B+1) query tokens per forward: 12 at B=3 (held-out 1.26x, B=2 1.32x)
+    "quadratic_spec": {"block_size": 3},  # B*(B+1) query tokens per forward: 12 at B=3 (held-out 1.23x, B=2 1.11x)
 }
 
 
