@@ -4,10 +4,10 @@
 Ministral3 attention multiplies the queries by 1 + beta * ln(1 + floor(position / original_max_position_embeddings)),
 a [batch, 1, K, 1] tensor that depends on the positions and the config only, and it computes it again in every layer:
 six small ops per layer. For a small model on a CPU those ops are a few percent of a forward (the 135M demo in
-bf16: 3-4% of a generate() call in AR, LinearSpec and diffusion, `benchmarks/results/query_scale_cpu.md`). The backbone computes the scale once
-(`query_scale`) and passes it to every layer; with beta 0 (every converted Llama / Mistral checkpoint) the scale is
-exactly 1 and the multiplication is skipped. The products are the same as Ministral3's, bit for bit. Parameter names
-do not change, so checkpoints load as before.
+bf16: 3-4% of a generate() call in AR, LinearSpec and diffusion, `benchmarks/results/query_scale_cpu.md`). The
+backbone computes the scale once (`query_scale`) and passes it to every layer; with beta 0 (every converted Llama /
+Mistral checkpoint) the scale is exactly 1 and the multiplication is skipped. The products are the same as
+Ministral3's, bit for bit. Parameter names do not change, so checkpoints load as before.
 """
 
 from collections.abc import Callable
@@ -55,7 +55,7 @@ class NemotronDiffusionAttention(Ministral3Attention):
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if scale is not NO_QUERY_SCALE:
+        if torch.is_tensor(scale):  # else NO_QUERY_SCALE: a multiplication by 1
             query_states = query_states * scale.to(query_states.dtype)
 
         if cache is not None:

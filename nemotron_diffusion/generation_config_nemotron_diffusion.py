@@ -79,7 +79,7 @@ class NemotronDiffusionGenerationConfig(GenerationConfig):
             Slots committed in one step never see each other, and two neighbours that both take the same word
             ("the the") are the commonest flaw of parallel commits. NVIDIA's rule has no such check (`False`); the
             demo drafter's settings turn it on (docs/reference-model.md §7.3).
-        max_thinking (`int`, *optional*), end_think_token_id (`int`, *optional*):
+        max_thinking_tokens (`int`, *optional*), end_think_token_id (`int`, *optional*):
             Thinking budget: generated token number `max_thinking_tokens + 1` is `end_think_token_id` unless that
             token appeared before (the same rule in every mode).
         drafter_adapter (`str`, `False` or `None`, *optional*):

@@ -263,10 +263,9 @@ def select_commits(confidence, masked, threshold, *, masks_at_start=None, step=0
         repeat = torch.zeros_like(masked)
         repeat[:, 1:] = masked[:, :-1] & (candidates[:, 1:] == candidates[:, :-1])
         eligible = masked & ~repeat
-    priority = torch.where(eligible, confidence, -math.inf)
-    if leftmost:  # the leftmost masked slot first: the priority falls with the position
-        positions = torch.arange(length, 0, -1, device=confidence.device, dtype=confidence.dtype)
-        priority = torch.where(eligible, positions.expand(batch, -1), -math.inf)
+    # Priority of each slot: its confidence, or its distance from the block's end (the leftmost masked slot first).
+    priority = torch.arange(length, 0, -1, device=confidence.device).expand(batch, -1) if leftmost else confidence
+    priority = torch.where(eligible, priority.to(confidence.dtype), -math.inf)
     if threshold is None:
         steps = max_steps if max_steps is not None else int(masks_at_start.max().clamp(min=1))
         count = transfer_count(masks_at_start, max(steps, 1), step).clamp(min=1)
