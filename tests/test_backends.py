@@ -62,7 +62,7 @@ def test_every_mode_gives_the_same_tokens_on_eager(batch, sdpa_tokens, mode):
     assert torch.equal(_generate(model, *batch, mode), sdpa_tokens[mode])
 
 
-def test_every_mode_gives_the_same_tokens_on_flex_attention():
+def test_every_mode_gives_the_same_tokens_on_flex_attention(torch_cpu_flex_attention_works):
     """flex_attention compiles on CPU (once per shape, see conftest.py), so one row and a short run per mode."""
     model = tiny_model(seed=5, attn_implementation="flex_attention")
     reference = tiny_model(seed=5, attn_implementation="sdpa")
@@ -73,7 +73,7 @@ def test_every_mode_gives_the_same_tokens_on_flex_attention():
             assert torch.equal(model.generate(ids, **kwargs), reference.generate(ids, **kwargs)), mode
 
 
-def test_quadratic_mask_on_flex_attention():
+def test_quadratic_mask_on_flex_attention(torch_cpu_flex_attention_works):
     from transformers import DynamicCache
 
     from nemotron_diffusion.generation_nemotron_diffusion import _quadratic_mask_function

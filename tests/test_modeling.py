@@ -126,7 +126,7 @@ def test_bidirectional_block_with_cache_write_then_causal_block():
     torch.testing.assert_close(out, ref[:, 4:], atol=ATOL, rtol=0)
 
 
-def test_flex_attention_modes_match_explicit_mask():
+def test_flex_attention_modes_match_explicit_mask(torch_cpu_flex_attention_works):
     """flex_attention on CPU (compiled, so this test is slower): both modes and a read-only prefix cache."""
     model = tiny_model(attn_implementation="flex_attention")
     ids, mask = left_pad(PROMPTS)
