@@ -7,6 +7,10 @@ from torch import nn
 from .int8_nemotron_diffusion import int8_linear, int8_supported, quantize_int8
 
 
+# float32 on a CPU: row counts for which the head is computed as weight @ hidden.T (see `apply_head`).
+TALL_PRODUCT_ROWS = range(2, 11)
+
+
 def apply_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Logits [..., V] of hidden states [..., H], computed as `head` of a [N, H] matrix.
 
@@ -15,8 +19,20 @@ def apply_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     batch of one (which still counts as contiguous): about 95 ms instead of 7 ms for the 49k-token head of the
     135M demo in bfloat16 on one thread, i.e. more than a whole forward, once per draft. Flattening first makes it
     one GEMM; it is a view for such slices and otherwise copies only the selected rows.
+
+    For 2 to 10 rows in float32 on a CPU (a draft, a verify block) outside autograd, the same products are computed
+    as `weight @ hidden.T`: MKL's `linear` of a few rows against a 49k x 576 head took 2 to 3 times a one-row
+    product, the transposed product about 1.5 times (benchmarks/results/head_product_cpu.md), and a block forward's
+    head was a fifth of its time. The sums are the same, in another order (float32 rounding, ~1e-6).
     """
     flat = hidden.reshape(-1, hidden.shape[-1])
+    weight = getattr(head, "weight", None)
+    if (
+        type(head) is nn.Linear and head.bias is None and flat.shape[0] in TALL_PRODUCT_ROWS
+        and weight.device.type == "cpu" and weight.dtype == torch.float32 == flat.dtype
+        and not torch.is_grad_enabled()
+    ):
+        return torch.mm(weight, flat.t()).t().contiguous().reshape(*hidden.shape[:-1], -1)
     return head(flat).reshape(*hidden.shape[:-1], -1)
 
 
@@ -42,4 +58,4 @@ class Int8DraftHead:
         return int8_linear(hidden, *self._kept)
 
 
-__all__ = ["Int8DraftHead", "apply_head"]
+__all__ = ["TALL_PRODUCT_ROWS", "Int8DraftHead", "apply_head"]
