@@ -54,6 +54,9 @@ TREE_SLOTS = 3  # linear_spec:B:wN verifies a tree of width N over the first 3 d
 STOCK = "stock"
 DEFER_SUFFIXES = {"defer": True, "repeats": False}  # diffusion:B:defer / :repeats -> defer_adjacent_repeats
 DEFER_LABELS = {True: "repeats deferred", False: "repeats not deferred"}
+FUSED_SUFFIXES = {"fused": True, "unfused": False}  # diffusion:B:fused / :unfused -> fused_commit_forward
+RULE_LABELS = {"defer_adjacent_repeats": DEFER_LABELS,
+               "fused_commit_forward": {True: "fused commit forward", False: "separate commit forward"}}
 
 
 def parse_configs(text):
@@ -61,7 +64,8 @@ def parse_configs(text):
     None, False, ()), ("diffusion", 4, None, 0.5, True, ())]: (mode, block size, verify-tree width, diffusion
     confidence threshold, whether the draft weights are merged as int8 instead of as the drafter's settings say
     (`:int8`), diffusion's commit rules as (field, value) pairs: `:leftmost` / `:most_confident` set
-    `commit_order`, `:defer` / `:repeats` set `defer_adjacent_repeats` to True / False; a rule not named follows
+    `commit_order`, `:defer` / `:repeats` set `defer_adjacent_repeats` and `:fused` / `:unfused`
+    `fused_commit_forward` to True / False; a rule not named follows
     the model's generation config, which the drafter's settings set); AR is always measured."""
     configs = []
     for item in (part.strip() for part in text.split(",")):
@@ -78,6 +82,8 @@ def parse_configs(text):
                 rules["commit_order"] = part
             elif part in DEFER_SUFFIXES and mode == "diffusion":
                 rules["defer_adjacent_repeats"] = DEFER_SUFFIXES[part]
+            elif part in FUSED_SUFFIXES and mode == "diffusion":
+                rules["fused_commit_forward"] = FUSED_SUFFIXES[part]
             elif part.startswith("w") and part[1:].isdigit() and mode == "linear_spec":
                 width = int(part[1:])
             elif part.startswith("t") and mode == "diffusion":
@@ -88,8 +94,9 @@ def parse_configs(text):
             else:
                 raise SystemExit(f"--configs: {item!r}: write linear_spec:B:wN (a tree of width N), "
                                  f"diffusion:B:tX (confidence threshold X), :int8 for int8 draft weights and, for "
-                                 f"diffusion, :leftmost or :most_confident (the commit order) and :defer or :repeats "
-                                 f"(whether a slot repeating its masked neighbour waits)")
+                                 f"diffusion, :leftmost or :most_confident (the commit order), :defer or :repeats "
+                                 f"(whether a slot repeating its masked neighbour waits) and :fused or :unfused "
+                                 f"(whether the commit forward also drafts the next block)")
         if mode != "ar":
             try:
                 size = int(parts[0] if parts and parts[0] else 8)
@@ -111,7 +118,7 @@ def label(config):
     if threshold is not None:
         text = f"{text} threshold {threshold:g}"
     for field, value in rules:
-        text = f"{text} {value}" if field == "commit_order" else f"{text} {DEFER_LABELS[value]}"
+        text = f"{text} {value}" if field == "commit_order" else f"{text} {RULE_LABELS[field][value]}"
     text = text if width is None else f"{text} tree {width}x{TREE_SLOTS}"
     return f"{text}, int8 draft weights" if int8_drafts else text
 

@@ -20,6 +20,7 @@ GENERATION_FIELDS = {
     "max_denoising_steps": None,
     "commit_order": "most_confident",
     "defer_adjacent_repeats": False,
+    "fused_commit_forward": False,
     "max_thinking_tokens": None,
     "end_think_token_id": None,
     "drafter_adapter": None,
@@ -79,6 +80,14 @@ class NemotronDiffusionGenerationConfig(GenerationConfig):
             Slots committed in one step never see each other, and two neighbours that both take the same word
             ("the the") are the commonest flaw of parallel commits. NVIDIA's rule has no such check (`False`); the
             demo drafter's settings turn it on (docs/reference-model.md §7.3).
+        fused_commit_forward (`bool`, *optional*, defaults to `False`):
+            Diffusion: the causal forward that writes a finished block to the cache also carries the next block's
+            masks (they see the cache, the block and each other, and, with a drafter serving diffusion, run with it
+            at those masks only), and their logits are the next block's first denoising step: one forward fewer per
+            block. Slot 0 of that step was a mask, not the seed, so it commits only the slots that reach the
+            threshold; it does not count against `max_denoising_steps`. Needs `causal_context=True` and a
+            `confidence_threshold`. NVIDIA's loop has no such step (`False`); the demo drafter's settings turn it
+            on (docs/reference-model.md §7.3).
         max_thinking_tokens (`int`, *optional*), end_think_token_id (`int`, *optional*):
             Thinking budget: generated token number `max_thinking_tokens + 1` is `end_think_token_id` unless that
             token appeared before (the same rule in every mode).
@@ -179,6 +188,14 @@ class NemotronDiffusionGenerationConfig(GenerationConfig):
         defer = getattr(self, "defer_adjacent_repeats", False)
         if not isinstance(defer, bool):
             bad("defer_adjacent_repeats", defer, "True or False")
+        fused = getattr(self, "fused_commit_forward", False)
+        if not isinstance(fused, bool):
+            bad("fused_commit_forward", fused, "True or False")
+        if mode == "diffusion" and fused and causal is not True:
+            bad("fused_commit_forward", fused, "False when causal_context=False (its look-ahead step needs the seed)")
+        if mode == "diffusion" and fused and "confidence_threshold" in vars(self) and threshold is None:
+            bad("fused_commit_forward", fused, "False when confidence_threshold is None (its look-ahead step commits "
+                "the slots that reach the threshold)")
         budget = getattr(self, "max_thinking_tokens", None)
         if budget is not None and (not _is_int(budget) or budget < 0):
             bad("max_thinking_tokens", budget, "an int >= 0, or None")

@@ -486,7 +486,16 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         its still-masked left neighbour's waits for a later step. Candidates are the argmax or, at T > 0, a
         Gumbel-max sample of the processed scores. Committed tokens never change, so the contiguous committed
         prefix of the block is emitted (and checked by the stopping criteria) as soon as it grows. One causal
-        forward per block then writes the block to the cache and yields the next seed.
+        forward per block then writes the block to the cache and yields the next seed. With `fused_commit_forward`
+        that forward also carries the next block's masks, which see the cache, the finished block and each other
+        (with the drafter, if it serves diffusion, at those masks only): their logits are the next block's first
+        denoising step, one forward fewer per block. Its slot 0 was a mask there, not the seed, so that step commits
+        only the slots that reach the threshold.
+
+        Per block: 1. the block is the seed and masks; 2. a denoising step: the look-ahead logits of the commit
+        forward (fused), else one bidirectional forward; 3. candidates, confidences and commits; 4. the committed
+        prefix is emitted; 2-4 repeat until every live row has its block; 5. the commit forward (causal) writes the
+        block to the cache and yields the next seed (and, fused, the next block's look-ahead logits).
         """
         config = generation_config
         mask_id, end_think = self.config.mask_token_id, config.end_think_token_id
@@ -496,6 +505,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
         seeds = (
             self._seed_from_logits(rows, seed_logits, logits_processor, config, exclude_mask=True) if causal else None
         )
+        lookahead_logits = None  # [live, B, V]: the next block's first denoising step, from the commit forward
 
         while rows.size:
             block_size = min(config.block_size, int(rows.remaining().max()))  # no slots past the budget
@@ -511,16 +521,20 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             emitted = rows.emit(block, contiguous_committed(masked).clamp(max=needed))
             steps = 0
             while True:
-                block, masked, forbidden, needed, masks_at_start, emitted = rows.drop_finished(
-                    cache, block, masked, forbidden, needed, masks_at_start, emitted
+                block, masked, forbidden, needed, masks_at_start, emitted, lookahead_logits = rows.drop_finished(
+                    cache, block, masked, forbidden, needed, masks_at_start, emitted, lookahead_logits
                 )
                 live = emitted < needed
                 if not bool(live.any()):
                     break
-                with self._drafting(set_drafting):
-                    hidden = self._block_forward(rows, cache, block, is_causal=False, update_cache=False)
-                logits = self._draft_head(hidden, set_drafting)
-                rows.count_forward(live)
+                lookahead = lookahead_logits is not None
+                if lookahead:  # 2. this step was computed by the commit forward
+                    logits, lookahead_logits = lookahead_logits, None
+                else:
+                    with self._drafting(set_drafting):
+                        hidden = self._block_forward(rows, cache, block, is_causal=False, update_cache=False)
+                    logits = self._draft_head(hidden, set_drafting)
+                    rows.count_forward(live)
                 candidate_logits = exclude_token(logits, mask_id)
                 if config.max_thinking_tokens is not None:
                     ban = forbidden & masked
@@ -530,13 +544,17 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
                 # NVIDIA's confidence: probability of the candidate under the raw logits at T = 1.
                 confidence = softmax_probs(logits).gather(-1, candidates[..., None])[..., 0]
                 confidence = torch.where(masked, confidence, -math.inf)
-                steps += 1
-                last_step = config.max_denoising_steps is not None and steps >= config.max_denoising_steps
+                # The look-ahead step is not counted against max_denoising_steps and forces no commit: its
+                # guesses did not see the seed (which already makes this block progress).
+                steps += 0 if lookahead else 1
+                last_step = not lookahead and config.max_denoising_steps is not None and (
+                    steps >= config.max_denoising_steps
+                )
                 commit = select_commits(
                     confidence, masked, threshold, masks_at_start=masks_at_start, step=steps - 1,
                     max_steps=config.max_denoising_steps, last_step=last_step,
                     leftmost=config.commit_order == "leftmost",
-                    candidates=candidates if config.defer_adjacent_repeats else None,
+                    candidates=candidates if config.defer_adjacent_repeats else None, at_least_one=not lookahead,
                 )
                 commit &= live[:, None]
                 block = torch.where(commit, candidates, block)
@@ -545,14 +563,36 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
                 emitted = emitted + rows.emit(shift_left(block, emitted), ready - emitted)
             if not rows.size:
                 break
-            # Every live row completed its block: one forward writes it to the cache and seeds the next block (the
+            # 5. Every live row completed its block: one forward writes it to the cache and seeds the next block (the
             # head only at the block's last slot: the seed is all it is needed for).
-            hidden = self._block_forward(rows, cache, block, is_causal=causal, update_cache=True)
+            next_size = min(config.block_size, int(rows.remaining().max()))
+            if config.fused_commit_forward and next_size > 1:
+                hidden, lookahead_logits = self._commit_with_lookahead(rows, cache, block, next_size, set_drafting)
+            else:
+                hidden = self._block_forward(rows, cache, block, is_causal=causal, update_cache=True)
             rows.count_forward()
             rows.slots.append(torch.full((rows.size,), block_size, dtype=torch.long, device=device))
             if causal:
-                seeds = self._seed_from_logits(rows, self._head(hidden[:, -1]), logits_processor, config,
+                seeds = self._seed_from_logits(rows, self._head(hidden[:, block_size - 1]), logits_processor, config,
                                                exclude_mask=True)
+
+    def _commit_with_lookahead(self, rows, cache, block, next_size, set_drafting):
+        """The commit forward of `fused_commit_forward`: [block, masks x next_size] at the rows' next positions; the
+        block is causal (its K/V enter the cache exactly as in the plain commit forward) and the masks see the cache,
+        the block and each other, like a denoising forward of the next block whose seed slot is still a mask. Only
+        the block's K/V are kept. Returns (hidden [live, B, H] of the block, the masks' logits [live, next_size, V]).
+        """
+        device = block.device
+        block_size = block.shape[1]
+        masks = torch.full((rows.size, next_size), self.config.mask_token_id, dtype=torch.long, device=device)
+        chunk = torch.cat([block, masks], dim=1)
+        mask_slots = (torch.arange(chunk.shape[1], device=device) >= block_size)[None, :].expand(rows.size, -1)
+        first_mask = int(cache.get_seq_length()) + block_size
+        with self._drafting(set_drafting, only_at=mask_slots):
+            hidden = self._block_forward(rows, cache, chunk, is_causal=False,
+                                         mask_function=_causal_then_masks_mask_function(first_mask))
+        rewind_cache(cache, next_size)
+        return hidden[:, :block_size], self._draft_head(hidden[:, block_size:], set_drafting)
 
     def _inject_thinking_budget(self, rows, block, masked, forbidden, config):
         """Thinking budget inside a diffusion block (in place): if generated index `max_thinking_tokens` falls in
@@ -790,7 +830,7 @@ class NemotronDiffusionGenerationMixin(GenerationMixin):
             hidden = self._block_forward(
                 rows, cache, input_ids, is_causal=False, positions=positions,
                 attention_mask=rows.slots.attention_mask(block_size),
-                mask_function=_bootstrap_mask_function(rows.prompt_length), eager=True,
+                mask_function=_causal_then_masks_mask_function(rows.prompt_length), eager=True,
                 extra_inputs=rows.prefill_inputs,
             )
         rewind_cache(cache, block_size)
@@ -846,11 +886,12 @@ def _chunk_mask_function(start, pattern):
     return mask
 
 
-def _bootstrap_mask_function(prompt_length):
-    """[prompt | masks]: prompt tokens causal, mask tokens see everything."""
+def _causal_then_masks_mask_function(first_mask):
+    """[tokens | masks] with the masks from cache slot `first_mask` on: the tokens are causal, the masks see
+    everything (QuadraticSpec's bootstrap [prompt | masks], diffusion's commit forward with a look-ahead)."""
 
     def mask(batch_idx, head_idx, q_idx, kv_idx):
-        return (kv_idx <= q_idx) | (q_idx >= prompt_length)
+        return (kv_idx <= q_idx) | (q_idx >= first_mask)
 
     return mask
 

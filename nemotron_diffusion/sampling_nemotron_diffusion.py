@@ -244,7 +244,7 @@ def transfer_count(masks_at_start, steps, step):
 
 
 def select_commits(confidence, masked, threshold, *, masks_at_start=None, step=0, max_steps=None, last_step=False,
-                   leftmost=False, candidates=None):
+                   leftmost=False, candidates=None, at_least_one=True):
     """Which masked slots [B, L] a denoising step commits. confidence [B, L] is -inf outside masked slots.
 
     With a threshold: every masked slot at or above it, plus one, so that each step commits: the most confident
@@ -253,7 +253,10 @@ def select_commits(confidence, masked, threshold, *, masks_at_start=None, step=0
 
     `candidates` [B, L] (`defer_adjacent_repeats`): a masked slot whose candidate equals that of its left
     neighbour, itself masked, is deferred to a later step. The leftmost masked slot of a row is never deferred (its
-    left neighbour is committed), so every step still commits."""
+    left neighbour is committed), so every step still commits.
+
+    `at_least_one=False` (with a threshold): only the slots at or above it (diffusion's look-ahead step, which
+    follows a committed seed)."""
     batch, length = confidence.shape
     rows = torch.arange(batch, device=confidence.device)
     if last_step:
@@ -275,6 +278,8 @@ def select_commits(confidence, masked, threshold, *, masks_at_start=None, step=0
         rank[rows[:, None], order] = torch.arange(length, device=confidence.device)[None, :]
         return eligible & (rank < count[:, None])
     commit = eligible & (confidence >= threshold)
+    if not at_least_one:
+        return commit
     first = priority.argmax(dim=1)
     commit[rows, first] |= masked.any(dim=1)
     return commit

@@ -102,6 +102,7 @@ _MODE_ONLY_FIELDS = {
     "max_denoising_steps": (("diffusion",), "decode_mode='diffusion'"),
     "commit_order": (("diffusion",), "decode_mode='diffusion'"),
     "defer_adjacent_repeats": (("diffusion",), "decode_mode='diffusion'"),
+    "fused_commit_forward": (("diffusion",), "decode_mode='diffusion'"),
     "confidence_threshold": (("diffusion", "linear_spec", "quadratic_spec"), "the non-AR modes"),
     "tree_width": (("linear_spec",), "decode_mode='linear_spec'"),
 }

@@ -169,7 +169,7 @@ def _get_transfer_index(logits, temperature, mask_index, x, num_transfer_tokens,
 @torch.no_grad()
 def reference_diffusion_generate(
     model, prompt_ids, max_new_tokens, block_length, threshold=None, causal_context=True, temperature=0.0, eos_token_id=None,
-    steps_per_block=None, leftmost=False, defer_repeats=False,
+    steps_per_block=None, leftmost=False, defer_repeats=False, fused=False,
 ):
     """NVIDIA's `generate` (docs/reference-model.md §7.3) for a batch of one, cache-free.
 
@@ -178,7 +178,10 @@ def reference_diffusion_generate(
     `steps_per_block` is `block_length` in NVIDIA's release; the transfer schedule takes any step count (their
     earlier `steps` argument), which is what `max_denoising_steps` means without a threshold. `leftmost` is our
     `commit_order="leftmost"` (not NVIDIA's): the leftmost masked slot instead of the most confident one.
-    `defer_repeats` is our `defer_adjacent_repeats=True` (not NVIDIA's either).
+    `defer_repeats` is our `defer_adjacent_repeats=True` (not NVIDIA's either). `fused` is our
+    `fused_commit_forward=True`: after each commit pass but the last, the next block, all masks (its seed slot
+    too), is denoised once over the committed sequence; that look-ahead step commits, next to the seed, only the
+    slots at or above the threshold (none forced) and is not a counted denoise forward (it rides on the commit).
     """
     assert prompt_ids.shape[0] == 1
     assert max_new_tokens % block_length == 0
@@ -192,6 +195,7 @@ def reference_diffusion_generate(
     seed = None
     if causal_context:  # prefill: causal, its last logit seeds block 0 (not counted by NVIDIA)
         seed = _sample_token(_without_mask(_causal_last_logits(model, x), mask_id), temperature)
+    lookahead = None  # fused: the next block's look-ahead logits
 
     for b in range(num_blocks):
         block_start = prompt_length + b * block_length
@@ -200,6 +204,19 @@ def reference_diffusion_generate(
             block[:, 0] = seed
         x = torch.cat([x, block], dim=1)
         num_transfer = _num_transfer_tokens(x[:, block_start:] == mask_id, steps_per_block)
+        if lookahead is not None:
+            mask_index = x[:, block_start:] == mask_id
+            x0, _ = _get_transfer_index(lookahead, temperature, mask_index, x[:, block_start:], num_transfer[:, 0],
+                                        threshold, mask_id, leftmost, defer_repeats)
+            p = torch.softmax(lookahead, dim=-1).gather(-1, x0[..., None])[..., 0]
+            eligible = mask_index.clone()
+            if defer_repeats:
+                eligible[:, 1:] &= ~(mask_index[:, :-1] & (x0[:, 1:] == x0[:, :-1]))
+            transfer = eligible & (p >= threshold)
+            stats["per_step"].append(int(transfer.sum()))
+            region = x[:, block_start:]
+            region[transfer] = x0[transfer]
+            x[:, block_start:] = region
         for i in range(steps_per_block):
             # Equality test is safe here: the mask id is never committed (see _without_mask).
             mask_index = x[:, block_start:] == mask_id
@@ -224,6 +241,9 @@ def reference_diffusion_generate(
         stats["commits"] += 1
         if causal_context:
             seed = _sample_token(_without_mask(_causal_last_logits(model, x), mask_id), temperature)
+        if fused and b + 1 < num_blocks:
+            ahead = torch.cat([x, torch.full((1, block_length), mask_id, dtype=torch.long)], dim=1)
+            lookahead = _block_logits(model, ahead, x.shape[1], True, prompt_length, block_length)
         if eos_token_id is not None:
             generated = x[0, prompt_length:]
             hits = (generated == eos_token_id).nonzero()
@@ -316,6 +336,39 @@ def test_defer_adjacent_repeats_matches_reference(confident_model, block, max_ne
               defer_adjacent_repeats=True)
     assert out.sequences.tolist() == ref.tolist()
     assert int(out.num_forwards[0]) == expected_forwards(stats)
+
+
+FUSED_CASES = [(4, 16, 0.9, 61, 5, False, False), (4, 16, 0.3, 62, 9, True, True), (8, 24, 0.3, 63, 6, False, True),
+               (4, 20, 0.3, 64, 7, True, False), (8, 16, 0.5, 65, 4, False, False), (3, 15, 0.2, 66, 8, True, True)]
+
+
+@pytest.mark.parametrize("block,max_new,threshold,seed,length,leftmost,defer", FUSED_CASES)
+def test_fused_commit_forward_matches_reference(confident_model, block, max_new, threshold, seed, length, leftmost,
+                                                defer):
+    """fused_commit_forward=True: the commit forward's look-ahead at the next block's masks is that block's first
+    denoising step (threshold commits only), one forward fewer per block when it commits; same tokens as the
+    reference loop that computes the look-ahead from scratch, in either commit order, with or without deferral."""
+    prompt = random_prompt(seed, length)
+    ref, stats = reference_diffusion_generate(confident_model, prompt, max_new, block, threshold, leftmost=leftmost,
+                                              defer_repeats=defer, fused=True)
+    out = gen(confident_model, prompt, block_size=block, confidence_threshold=threshold, max_new_tokens=max_new,
+              commit_order="leftmost" if leftmost else "most_confident", defer_adjacent_repeats=defer,
+              fused_commit_forward=True)
+    assert out.sequences.tolist() == ref.tolist()
+    assert int(out.num_forwards[0]) == expected_forwards(stats)
+
+
+def test_fused_commit_forward_saves_forwards(confident_model):
+    """The look-ahead commits on these models: fewer forwards for the same budget than the plain loop, and other
+    tokens somewhere (its step did not see the seed), so the reference test above tells the two loops apart."""
+    forwards, outputs = {}, {}
+    for fused in (False, True):
+        runs = [gen(confident_model, random_prompt(seed, 6), block_size=4, confidence_threshold=0.3, max_new_tokens=16,
+                    fused_commit_forward=fused) for seed in range(70, 76)]
+        forwards[fused] = sum(int(run.num_forwards[0]) for run in runs)
+        outputs[fused] = [run.sequences.tolist() for run in runs]
+    assert forwards[True] < forwards[False]
+    assert outputs[True] != outputs[False]
 
 
 def test_defer_adjacent_repeats_changes_commits(confident_model):
@@ -895,6 +948,8 @@ INVALID = [
     ("commit_order", None),
     ("defer_adjacent_repeats", "yes"),
     ("defer_adjacent_repeats", None),
+    ("fused_commit_forward", "yes"),
+    ("fused_commit_forward", 1),
 ]
 
 
@@ -912,6 +967,16 @@ def test_invalid_field_values_raise(plain_model, field, value):
     with pytest.raises(ValueError) as info:
         plain_model.generate(prompt, **kwargs)
     _assert_names(str(info.value), field, value)
+
+
+@pytest.mark.parametrize("others,needs", [(dict(causal_context=False), "causal_context=False"),
+                                           (dict(confidence_threshold=None), "confidence_threshold is None")])
+def test_fused_commit_forward_needs_the_seed_and_a_threshold(plain_model, others, needs):
+    """The look-ahead step commits, next to the seed, the slots that reach the threshold: without either it has no
+    rule, and generate() says which field forbids it instead of running something else."""
+    with pytest.raises(ValueError, match=rf"`fused_commit_forward`=True is invalid.*{re.escape(needs)}"):
+        plain_model.generate(random_prompt(1, 4), decode_mode="diffusion", max_new_tokens=4, fused_commit_forward=True,
+                             **others)
 
 
 @pytest.mark.parametrize("source", ["passed_config", "model_config"])

@@ -282,7 +282,7 @@ def test_custom_attention_mask_equals_transformers_mask(static):
     from transformers.cache_utils import DynamicCache, StaticCache
 
     from nemotron_diffusion.generation_nemotron_diffusion import (
-        _bootstrap_mask_function,
+        _causal_then_masks_mask_function,
         _chunk_mask_function,
         _quadratic_mask_function,
     )
@@ -298,7 +298,7 @@ def test_custom_attention_mask_equals_transformers_mask(static):
     cases = [
         (12, _quadratic_mask_function(prompt_width, 3, "cpu")),
         (tree.size, _chunk_mask_function(prompt_width, tree.ancestors)),
-        (5, _bootstrap_mask_function(prompt_width + 2)),
+        (5, _causal_then_masks_mask_function(prompt_width + 2)),
     ]
     for length, function in cases:
         block = torch.full((2, length), 4)

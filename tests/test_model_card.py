@@ -75,7 +75,7 @@ def test_saved_folder_is_hub_ready(tmp_path):
     generation = json.loads((folder / "generation_config.json").read_text())
     assert generation["do_sample"] is False and generation["_from_model_config"] is False
     for field in ("decode_mode", "causal_context", "max_denoising_steps", "commit_order", "defer_adjacent_repeats",
-                  "max_thinking_tokens", "end_think_token_id", "drafter_adapter"):
+                  "fused_commit_forward", "max_thinking_tokens", "end_think_token_id", "drafter_adapter"):
         assert field in generation, field
     assert "block_size" not in generation  # its default follows the mode: saved only when set
 

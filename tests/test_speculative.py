@@ -1007,6 +1007,41 @@ def test_merged_drafter_leaves_quadratic_spec_on_gated_lora():
     assert torch.equal(out.sequences, ar.sequences)
 
 
+@pytest.mark.parametrize("merged", [False, True])
+def test_fused_commit_forward_drafts_at_its_masks_only(merged):
+    """Diffusion's commit forward with a look-ahead (`fused_commit_forward`) runs the drafter at the next block's
+    masks only: the finished block's K/V and the next seed stay the base model's. At threshold 1.0 the look-ahead
+    commits nothing, so the fused loop must give exactly the plain loop's tokens and forwards (a drafter leaking into
+    the block's positions would change the cache); its look-ahead forwards ran the drafter, and none without one."""
+    model = _mask_embedding_drafter()
+    model.generation_config.drafter_adapter = "drafter"
+    model.generation_config.drafter_modes = ["linear_spec", "diffusion", "quadratic_spec"]
+    if merged:  # merged draft weights cannot be limited to positions: the look-ahead takes the gated LoRA terms
+        model.enable_merged_drafter()
+    ids, mask = random_batch(14, [7, 4], 40)
+    kwargs = dict(max_new_tokens=16, block_size=4, eos_token_id=None, confidence_threshold=1.0)
+    try:
+        plain = _gen(model, ids, mask, "diffusion", **kwargs)
+        log = ForwardLog(model)
+        try:
+            fused = _gen(model, ids, mask, "diffusion", fused_commit_forward=True, **kwargs)
+        finally:
+            log.remove()
+    finally:
+        model.disable_merged_drafter()
+    assert torch.equal(fused.sequences, plain.sequences)
+    assert torch.equal(fused.num_forwards, plain.num_forwards)
+    lookaheads = [call for call in log.calls if call["hidden"].shape[1] == 2 * 4]  # [block, masks x 4]
+    assert len(lookaheads) == 16 // 4 - 1 and all(call["ran"] == {"drafter"} for call in lookaheads)
+    model.generation_config.drafter_modes = ["linear_spec"]
+    log = ForwardLog(model)
+    try:
+        _gen(model, ids, mask, "diffusion", fused_commit_forward=True, **kwargs)
+    finally:
+        log.remove()
+    assert not any(call["ran"] for call in log.calls)
+
+
 def test_merged_drafter_follows_changed_adapter_weights():
     """A kept merged weight is recomputed when the adapter's weights change in place (an optimizer step)."""
     model = _mask_embedding_drafter()

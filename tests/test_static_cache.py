@@ -35,7 +35,10 @@ def cases(draw):
     elif mode == "linear_spec":
         threshold = draw(st.sampled_from([None, 0.3]))
     eos = draw(st.sampled_from([None, 7, 20, 33]))
-    return dict(mode=mode, prompts=prompts, block_size=block_size, threshold=threshold, eos=eos,
+    extra = {}
+    if mode == "diffusion" and threshold is not None:
+        extra["fused_commit_forward"] = draw(st.booleans())
+    return dict(mode=mode, prompts=prompts, block_size=block_size, threshold=threshold, eos=eos, extra=extra,
                 max_new_tokens=draw(st.integers(1, 24)), seed=draw(st.sampled_from(sorted(MODELS))))
 
 
@@ -46,7 +49,7 @@ def test_static_equals_dynamic(case):
     dynamic, static = _both(
         MODELS[case["seed"]], ids, mask, decode_mode=case["mode"], block_size=case["block_size"],
         confidence_threshold=case["threshold"], max_new_tokens=case["max_new_tokens"], do_sample=False,
-        eos_token_id=case["eos"], pad_token_id=0,
+        eos_token_id=case["eos"], pad_token_id=0, **case["extra"],
     )
     assert torch.equal(static.sequences, dynamic.sequences)
     assert torch.equal(static.num_forwards, dynamic.num_forwards)
@@ -106,8 +109,9 @@ def test_rewind_and_keep_chunk_entries(cache_class):
     assert int(cache.get_seq_length()) == 6
 
 
-@pytest.mark.parametrize("mode", ["diffusion", "linear_spec", "quadratic_spec"])
-def test_compiled_block_forwards_trace_without_graph_breaks(mode):
+@pytest.mark.parametrize("mode,extra", [("diffusion", {}), ("diffusion", {"fused_commit_forward": True}),
+                                        ("linear_spec", {}), ("quadratic_spec", {})])
+def test_compiled_block_forwards_trace_without_graph_breaks(mode, extra):
     """The compiled path of the block loops (static cache; on GPU with inductor and CUDA graphs), traced here with
     dynamo's eager backend: same tokens as the eager dynamic-cache run, no graph break, few graphs."""
     from transformers import CompileConfig
@@ -118,7 +122,7 @@ def test_compiled_block_forwards_trace_without_graph_breaks(mode):
     config._compile_all_devices = True  # transformers compiles on accelerators only
     counters = torch._dynamo.utils.counters
     counters.clear()
-    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, decode_mode=mode, block_size=4)
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, decode_mode=mode, block_size=4, **extra)
     with torch.no_grad():
         eager = model.generate(ids, **kwargs)
         compiled = model.generate(ids, cache_implementation="static", compile_config=config, **kwargs)
