@@ -146,11 +146,13 @@ def attach_drafter(model, folder, adapter_name: str = "drafter", merged=None):
     forward with the base weights.
 
     `merged`: keep merged draft weights (`model.enable_merged_drafter`: draft forwards at a base forward's cost, one
-    more copy of each adapted weight in memory): True (in the base dtype), "int8" (weight-only int8 for a bfloat16
-    model on a CPU: cheaper draft forwards; the base dtype elsewhere), False (PEFT's LoRA in draft forwards). None
-    takes the folder's `drafter_settings.json` (`"merged_drafter": true` for the demo's 135M model: with prepacked
-    bf16 weights, `enable_packed_weights`, a bf16 product beat the int8 one from the few rows of a draft
-    forward on), else False."""
+    more copy of each adapted weight in memory): True (in the base dtype), "int8" (int8 for a bfloat16 or float32
+    model on a CPU: cheaper draft forwards; the base dtype elsewhere), False (PEFT's LoRA in draft forwards), or a
+    mapping from the model's dtype name to one of those (`{"bfloat16": true, "float32": "int8"}`; a dtype it does
+    not name: False). None takes the folder's `drafter_settings.json` (the demo's 135M model:
+    `{"bfloat16": true, "float32": "int8"}`: with prepacked bf16 weights, `enable_packed_weights`, a bf16 product
+    beat the int8 one from the few rows of a draft forward on an AVX-512 BF16 CPU, while in float32 on an AVX2 CPU
+    FBGEMM's int8 product made draft forwards far cheaper), else False."""
     import json
     import warnings
 
@@ -161,9 +163,16 @@ def attach_drafter(model, folder, adapter_name: str = "drafter", merged=None):
     source = "merged"
     if merged is None:
         merged, source = settings.get("merged_drafter", False), f"{DRAFTER_SETTINGS_FILE}: merged_drafter"
+    if isinstance(merged, dict):
+        bad = {k: v for k, v in merged.items() if not isinstance(k, str) or v not in (True, False, "int8")}
+        if bad:
+            raise ValueError(f"{source}={merged!r} is invalid; allowed: True, False, 'int8', or a mapping from dtype "
+                             f"names to those")
+        merged = merged.get(str(model.dtype).replace("torch.", ""), False)
     if merged not in (True, False, "int8"):
-        raise ValueError(f"{source}={merged!r} is invalid; allowed: True, False, 'int8'")
-    # int8 draft weights where they pay off (bf16 on a CPU), judged on the model before the adapter's weights join.
+        raise ValueError(f"{source}={merged!r} is invalid; allowed: True, False, 'int8', or a mapping from dtype "
+                         f"names to those")
+    # int8 draft weights where they are available (a CPU), judged on the model before the adapter's weights join.
     from .int8_nemotron_diffusion import int8_supported
 
     int8 = merged == "int8" and all(int8_supported(p.device, p.dtype) for p in model.parameters()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .int8_nemotron_diffusion import int8_linear, int8_supported, quantize_int8
+from .int8_nemotron_diffusion import int8_linear, int8_supported, int8_weight
 from .packed_nemotron_diffusion import PackedWeight, can_use_packed, kept_packed_weight, packed_linear
 
 @contextlib.contextmanager
@@ -353,7 +353,7 @@ MERGED_MODULE_ATTRIBUTE = "_nemotron_diffusion_merged_module"
 # names: (freshness key, weight)}}.
 MERGED_DRAFT_ATTRIBUTE = "_nemotron_diffusion_merged_draft"
 # Formats of the kept weights: None (the base weight's dtype: a draft forward computes exactly what PEFT's LoRA
-# computes, to rounding) or "int8" (weight-only int8, one scale per output channel; bfloat16 weights on a CPU).
+# computes, to rounding) or "int8" (int8, one scale per output channel; bfloat16 or float32 weights on a CPU).
 MERGED_DRAFT_FORMATS = (None, "int8")
 
 
@@ -371,11 +371,12 @@ def enable_merged_drafter(model, adapter_name=None, weight_format=None):
     * None: the merged weight in the base weight's dtype; a draft forward computes what PEFT's LoRA computes (to
       rounding). Memory: one more copy of each adapted weight (the 135M demo with LoRA on every linear: ~212 MB in
       bf16; an 8B model: most of its size).
-    * "int8" (bfloat16 weights on a CPU): the merged weight quantized to int8 with one scale per output channel,
-      computed by torch's weight-only int8 kernel (`torch.ops.aten._weight_int8pack_mm`; with float32 activations
-      that kernel is far slower than a dense product, `int8_nemotron_diffusion.int8_supported`). Half the memory
-      of a bf16 copy, and a cheaper draft forward where reading the weights is what a forward costs (a CPU at a
-      few query tokens: on the demo, the linears of a 4-token draft forward take ~0.65x their bf16 time). Drafts
+    * "int8" (bfloat16 or float32 weights on a CPU): the merged weight quantized to int8 with one scale per output
+      channel, computed by torch's weight-only int8 kernel for bf16 (`torch.ops.aten._weight_int8pack_mm`) and by
+      FBGEMM's dynamic int8 product for float32 (`int8_nemotron_diffusion`). Half the memory of a bf16 copy (a
+      quarter of a float32 one), and a cheaper draft forward where reading the weights is what a forward costs (a
+      CPU at a few query tokens: on the demo, the linears of a 4-token draft forward take ~0.65x their bf16 time,
+      ~0.4x their float32 time on an AVX2 CPU). Drafts
       differ slightly from the unquantized drafter's; the verifier is still the base model, so self-speculation
       stays lossless and only acceptance can change (measured in `docs/cpu-performance.md`). Diffusion's denoising
       forwards use it too. Kept weights are recomputed in the base dtype where the base weights have moved off the
@@ -413,8 +414,8 @@ def enable_merged_drafter(model, adapter_name=None, weight_format=None):
         found = sorted({f"{str(base.weight.dtype).replace('torch.', '')} on {base.weight.device}"
                         for _, base, _ in layers if not int8_supported(base.weight.device, base.weight.dtype)})
         if found:
-            raise ValueError(f"weight_format='int8' pays off for bfloat16 weights on a CPU only; the drafter's "
-                             f"weights are {found}. Use weight_format=None there.")
+            raise ValueError(f"weight_format='int8' is available for bfloat16 or float32 weights on a CPU only; the "
+                             f"drafter's weights are {found}. Use weight_format=None there.")
     for module, base, names in layers:
         setattr(module, MERGED_DRAFT_ATTRIBUTE, {"format": weight_format, "weights": {}})
         MergedDraftLinear.merged_weight(module, base, names)
@@ -437,7 +438,7 @@ class MergedDraftLinear(nn.Module):
     def __init__(self, base: nn.Linear, weight):
         super().__init__()
         self.base = base
-        self.weight = weight  # [out, in] in the base dtype, or (int8 [out, in], scales [out])
+        self.weight = weight  # [out, in] in the base dtype, or `int8_weight`'s (int8 [out, in], scales [out], ...)
         self._packed = PackedWeight()
 
     @staticmethod
@@ -474,7 +475,7 @@ class MergedDraftLinear(nn.Module):
                     weight = weight + wrapper.get_delta_weight(n).float()
                 weight = weight.to(base.weight.dtype)
             if kept["format"] == "int8" and int8_supported(weight.device, weight.dtype):
-                weight = quantize_int8(weight)
+                weight = int8_weight(weight)
             weights[names] = (key, weight)
         return weights[names][1]
 

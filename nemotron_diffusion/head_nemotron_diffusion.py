@@ -4,7 +4,7 @@
 import torch
 from torch import nn
 
-from .int8_nemotron_diffusion import int8_linear, int8_supported, quantize_int8
+from .int8_nemotron_diffusion import int8_linear, int8_supported, int8_weight
 
 
 # float32 on a CPU: row counts for which the head is computed as weight @ hidden.T (see `apply_head`).
@@ -54,7 +54,7 @@ class Int8DraftHead:
             return apply_head(self.head, hidden)
         key = (weight.data_ptr(), weight._version, weight.dtype)
         if key != self._key:
-            self._kept, self._key = quantize_int8(weight), key
+            self._kept, self._key = int8_weight(weight), key
         return int8_linear(hidden, *self._kept)
 
 

@@ -25,7 +25,7 @@ def test_shipped_drafter_adapter():
     with open(os.path.join(folder, demo.DRAFTER_SETTINGS_FILE)) as f:
         settings = json.load(f)
     assert settings == {"drafter_modes": ["linear_spec", "diffusion", "quadratic_spec"], "commit_order": "leftmost",
-                        "defer_adjacent_repeats": True, "merged_drafter": True}
+                        "defer_adjacent_repeats": True, "merged_drafter": {"bfloat16": True, "float32": "int8"}}
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
@@ -84,9 +84,10 @@ def _saved_drafter(tmp_path):
 
 
 def test_attach_drafter_merged_formats(tmp_path):
-    """attach_drafter's `merged`: "int8" keeps int8 merged draft weights and the int8 draft head for a bf16 model on a
-    CPU (dense merged weights for a float32 one, where int8 does not pay off), the folder's drafter_settings.json
-    decides when it is None, and an invalid value is refused before the model is touched."""
+    """attach_drafter's `merged`: "int8" keeps int8 merged draft weights and the int8 draft head for a bf16 or float32
+    model on a CPU (dense merged weights for a float16 one, which has no int8 kernel here), a mapping picks by the
+    model's dtype, the folder's drafter_settings.json decides when it is None, and an invalid value is refused before
+    the model is touched."""
     import peft
 
     from conftest import tiny_model
@@ -100,15 +101,23 @@ def test_attach_drafter_merged_formats(tmp_path):
     model = demo.attach_drafter(tiny_model(0).to(torch.bfloat16), folder, merged="int8")
     assert formats(model) == {"int8"} and model._int8_draft_head is not None
     model = demo.attach_drafter(tiny_model(0), folder, merged="int8")
+    assert formats(model) == {"int8"} and model._int8_draft_head is not None
+    model = demo.attach_drafter(tiny_model(0).to(torch.float16), folder, merged="int8")
     assert formats(model) == {None} and model._int8_draft_head is None
     assert formats(demo.attach_drafter(tiny_model(0), folder, merged=True)) == {None}
+    by_dtype = {"bfloat16": True, "float32": "int8"}
+    assert formats(demo.attach_drafter(tiny_model(0), folder, merged=by_dtype)) == {"int8"}
+    assert formats(demo.attach_drafter(tiny_model(0).to(torch.bfloat16), folder, merged=by_dtype)) == {None}
+    assert formats(demo.attach_drafter(tiny_model(0).to(torch.float16), folder, merged=by_dtype)) == set()
     assert formats(demo.attach_drafter(tiny_model(0), folder)) == set()  # no settings file: PEFT's LoRA
     (folder / demo.DRAFTER_SETTINGS_FILE).write_text(json.dumps({"merged_drafter": "int8"}))
     assert formats(demo.attach_drafter(tiny_model(0).to(torch.bfloat16), folder)) == {"int8"}
 
     fresh = tiny_model(0)
-    with pytest.raises(ValueError, match=r"^merged='int4' is invalid; allowed: True, False, 'int8'$"):
+    with pytest.raises(ValueError, match=r"^merged='int4' is invalid; allowed: True, False, 'int8', or a mapping"):
         demo.attach_drafter(fresh, folder, merged="int4")
+    with pytest.raises(ValueError, match=r"^merged=\{'float32': 'int4'\} is invalid"):
+        demo.attach_drafter(fresh, folder, merged={"float32": "int4"})
     (folder / demo.DRAFTER_SETTINGS_FILE).write_text(json.dumps({"merged_drafter": "yes"}))
     with pytest.raises(ValueError, match=r"drafter_settings.json: merged_drafter='yes' is invalid"):
         demo.attach_drafter(fresh, folder)
