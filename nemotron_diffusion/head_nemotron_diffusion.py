@@ -30,7 +30,8 @@ def apply_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     if (
         type(head) is nn.Linear and head.bias is None and flat.shape[0] in TALL_PRODUCT_ROWS
         and weight.device.type == "cpu" and weight.dtype == torch.float32 == flat.dtype
-        and not torch.is_grad_enabled()
+        and not torch.is_grad_enabled() and type(weight.data) is torch.Tensor  # not a tensor-parallel DTensor shard
+        and not (head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"))  # TP, offload hooks
     ):
         return torch.mm(weight, flat.t()).t().contiguous().reshape(*hidden.shape[:-1], -1)
     return head(flat).reshape(*hidden.shape[:-1], -1)
