@@ -163,15 +163,14 @@ def attach_drafter(model, folder, adapter_name: str = "drafter", merged=None):
     source = "merged"
     if merged is None:
         merged, source = settings.get("merged_drafter", False), f"{DRAFTER_SETTINGS_FILE}: merged_drafter"
-    if isinstance(merged, dict):
-        bad = {k: v for k, v in merged.items() if not isinstance(k, str) or v not in (True, False, "int8")}
-        if bad:
-            raise ValueError(f"{source}={merged!r} is invalid; allowed: True, False, 'int8', or a mapping from dtype "
-                             f"names to those")
-        merged = merged.get(str(model.dtype).replace("torch.", ""), False)
-    if merged not in (True, False, "int8"):
+    choices = (True, False, "int8")
+    by_dtype = isinstance(merged, dict)
+    if (any(not isinstance(k, str) or v not in choices for k, v in merged.items()) if by_dtype
+            else merged not in choices):
         raise ValueError(f"{source}={merged!r} is invalid; allowed: True, False, 'int8', or a mapping from dtype "
                          f"names to those")
+    if by_dtype:
+        merged = merged.get(str(model.dtype).replace("torch.", ""), False)
     # int8 draft weights where they are available (a CPU), judged on the model before the adapter's weights join.
     from .int8_nemotron_diffusion import int8_supported
 

@@ -86,8 +86,9 @@ class NemotronDiffusionGenerationConfig(GenerationConfig):
             at those masks only), and their logits are the next block's first denoising step: one forward fewer per
             block. Slot 0 of that step was a mask, not the seed, so it commits only the slots that reach the
             threshold; it does not count against `max_denoising_steps`. Needs `causal_context=True` and a
-            `confidence_threshold`. NVIDIA's loop has no such step (`False`); the demo drafter's settings turn it
-            on (docs/reference-model.md §7.3).
+            `confidence_threshold`. NVIDIA's loop has no such step (`False`), and the demo drafter's settings leave
+            it off: on held-out prompts it gave more tokens per forward but no speed and less coherent text
+            (docs/reference-model.md §7.3).
         max_thinking_tokens (`int`, *optional*), end_think_token_id (`int`, *optional*):
             Thinking budget: generated token number `max_thinking_tokens + 1` is `end_think_token_id` unless that
             token appeared before (the same rule in every mode).
