@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .int8_nemotron_diffusion import int8_linear, int8_supported, int8_weight
-from .packed_nemotron_diffusion import PackedWeight, can_use_packed, kept_packed_weight, packed_linear
+from .packed_nemotron_diffusion import (
+    PackedWeight,
+    can_use_packed,
+    few_row_linear,
+    few_row_product_applies,
+    kept_packed_weight,
+    packed_linear,
+)
 
 @contextlib.contextmanager
 def adapters_for_drafting(model, adapter_name, bypass=False):
@@ -433,7 +440,7 @@ def disable_merged_drafter(model):
 class MergedDraftLinear(nn.Module):
     """A LoRA layer's drafting computation with the adapter merged into a kept weight: `F.linear(x, W + ΔW, b)`,
     or its int8 form (`enable_merged_drafter(weight_format="int8")`). Where the base layer keeps a packed weight
-    (`enable_packed_weights`), the merged weight is packed too."""
+    (`enable_packed_weights`), the merged weight is packed too; in float32 a few rows take `few_row_linear`."""
 
     def __init__(self, base: nn.Linear, weight):
         super().__init__()
@@ -498,6 +505,8 @@ class MergedDraftLinear(nn.Module):
         if isinstance(self.weight, torch.Tensor):
             if kept_packed_weight(self.base) is not None and can_use_packed(x, self.weight):
                 return packed_linear(x, self.weight, self.base.bias, self._packed)
+            if few_row_product_applies(x, self.weight):
+                return few_row_linear(x, self.weight, self.base.bias)
             return F.linear(x, self.weight, self.base.bias)
         out = int8_linear(x, *self.weight)
         return out if self.base.bias is None else out + self.base.bias.to(out.dtype)

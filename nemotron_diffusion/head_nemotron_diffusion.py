@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .int8_nemotron_diffusion import int8_linear, int8_supported, int8_weight
+from .packed_nemotron_diffusion import few_row_linear, few_row_product_applies
 
 
 # float32 on a CPU: row counts for which the head is computed as weight @ hidden.T (see `apply_head`).
@@ -21,19 +22,17 @@ def apply_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     one GEMM; it is a view for such slices and otherwise copies only the selected rows.
 
     For 2 to 10 rows in float32 on a CPU (a draft, a verify block) outside autograd, the same products are computed
-    as `weight @ hidden.T`: MKL's `linear` of a few rows against a 49k x 576 head took 2 to 3 times a one-row
-    product, the transposed product about 1.5 times (benchmarks/results/head_product_cpu.md), and a block forward's
-    head was a fifth of its time. The sums are the same, in another order (float32 rounding, ~1e-6).
+    as `weight @ hidden.T` (`few_row_linear`, as the layers inside generate()): MKL's `linear` of a few rows against
+    a 49k x 576 head took 2 to 3 times a one-row product, the transposed product about 1.5 times
+    (benchmarks/results/head_product_cpu.md), and a block forward's head was a fifth of its time. The sums are the same, in another order (float32 rounding, ~1e-6).
     """
     flat = hidden.reshape(-1, hidden.shape[-1])
     weight = getattr(head, "weight", None)
     if (
-        type(head) is nn.Linear and head.bias is None and flat.shape[0] in TALL_PRODUCT_ROWS
-        and weight.device.type == "cpu" and weight.dtype == torch.float32 == flat.dtype
-        and not torch.is_grad_enabled() and type(weight.data) is torch.Tensor  # not a tensor-parallel DTensor shard
+        type(head) is nn.Linear and few_row_product_applies(flat, weight, TALL_PRODUCT_ROWS)
         and not (head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"))  # TP, offload hooks
     ):
-        return torch.mm(weight, flat.t()).t().contiguous().reshape(*hidden.shape[:-1], -1)
+        return few_row_linear(flat, weight, head.bias).reshape(*hidden.shape[:-1], -1)
     return head(flat).reshape(*hidden.shape[:-1], -1)
 
 

@@ -1,5 +1,6 @@
 # Copyright 2026 The nemotron-diffusion authors. Licensed under the Apache License, Version 2.0.
-"""Prepacked bfloat16 weights for the linear layers of CPU generation (oneDNN's blocked layout).
+"""Faster products for the linear layers of CPU generation: prepacked bfloat16 weights (oneDNN's blocked layout)
+and, in float32, a few rows computed as `weight @ x.T`.
 
 On a CPU, `F.linear` with a bfloat16 weight hands the weight to oneDNN in its plain [out, in] layout on every call
 (as far as we can tell oneDNN then reorders it each time; at the few query tokens of a decoding step that costs
@@ -12,6 +13,13 @@ for every shape and row count we tried, and a generate() call returns the same t
 The price is one more copy of each packed weight in memory, so it is opt-in (`enable_packed_weights`, on by
 default for the demo on a CPU with bf16). Packed copies are used only inside generate() (`packed_linears`), never in
 a forward that may need gradients, and are rebuilt when a weight changes.
+
+Float32 on a CPU needs no copy: for 2 to 4 rows (the query tokens of a verify or commit forward), MKL's `linear` of
+the demo's layer shapes took 1.1-1.8x as long as the same sums computed as `weight @ x.T` (one weight read, the
+few rows streamed against it), and up to 2x a one-row product; from 5 rows on `linear` is as fast or faster
+(`python -m benchmarks.few_row_product`, `docs/cpu-performance.md` §8). Inside generate() every plain float32
+linear layer on a CPU takes the transposed product for those row counts (`few_row_linear`); the sums are the same
+in another order (float32 rounding, ~1e-6), and a one-row AR step keeps `linear`.
 """
 
 import contextlib
@@ -22,6 +30,31 @@ from torch import nn
 
 # Where a linear layer's packed copy is kept: its __dict__ (not a submodule or buffer: no state dict entry).
 PACKED_ATTRIBUTE = "_nemotron_diffusion_packed_weight"
+
+# float32 on a CPU: row counts for which a layer's product is computed as weight @ x.T (see `few_row_linear`).
+FEW_ROW_LAYER_ROWS = range(2, 5)
+
+
+def few_row_product_applies(x: torch.Tensor, weight: torch.Tensor, row_counts=None) -> bool:
+    """Whether `F.linear(x, weight)` is computed as `weight @ x.T` (`few_row_linear`): a float32 CPU product of a
+    plain tensor weight (not a tensor-parallel DTensor shard) outside autograd, whose number of rows (x's elements
+    over its last dimension) is in `row_counts` (default `FEW_ROW_LAYER_ROWS`)."""
+    row_counts = FEW_ROW_LAYER_ROWS if row_counts is None else row_counts
+    return (
+        x.dim() > 0 and x.shape[-1] > 0 and x.numel() // x.shape[-1] in row_counts
+        and x.dtype == torch.float32 == weight.dtype and weight.device.type == "cpu"
+        and weight.dim() == 2 and type(weight.data) is torch.Tensor and not torch.is_grad_enabled()
+    )
+
+
+def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` [..., out] as `(weight @ x.T).T` of the flattened [N, in] rows (see
+    `few_row_product_applies`; the same sums in another order)."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.mm(weight, flat.t()).t().contiguous()
+    if bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def packing_supported(weight: torch.Tensor) -> bool:
@@ -102,18 +135,33 @@ def kept_packed_weight(module):
     return vars(module).get(PACKED_ATTRIBUTE)
 
 
+def _few_row_linears(model):
+    """The plain float32 `nn.Linear` layers of `model` on a CPU whose forward nobody else replaced, and which no
+    hook may hand a sharded or offloaded weight (tensor parallelism, accelerate)."""
+    return [
+        m for m in model.modules()
+        if type(m) is nn.Linear and PACKED_ATTRIBUTE not in vars(m) and "forward" not in vars(m)
+        and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu" and type(m.weight.data) is torch.Tensor
+        and not (m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"))
+    ]
+
+
 @contextlib.contextmanager
 def packed_linears(model):
-    """Inside: every linear layer of `model` with a kept packed copy computes with it (its instance `forward` is
-    replaced, so PEFT wrappers and the drafting switch still see the same `nn.Linear`); a forward that could need
-    gradients computes `F.linear` as before. Restored on exit."""
-    layers = [m for m in model.modules() if PACKED_ATTRIBUTE in vars(m) and "forward" not in vars(m)]
-    for layer in layers:
+    """Inside: every linear layer of `model` with a kept packed copy computes with it, and every plain float32 CPU
+    linear layer takes `few_row_linear` for a few rows (its instance `forward` is replaced, so PEFT wrappers and the
+    drafting switch still see the same `nn.Linear`); a forward that could need gradients computes `F.linear` as
+    before. Restored on exit."""
+    packed = [m for m in model.modules() if PACKED_ATTRIBUTE in vars(m) and "forward" not in vars(m)]
+    few_rows = _few_row_linears(model)
+    for layer in packed:
         layer.forward = _packed_forward(layer)
+    for layer in few_rows:
+        layer.forward = _few_row_forward(layer)
     try:
         yield
     finally:
-        for layer in layers:
+        for layer in packed + few_rows:
             vars(layer).pop("forward", None)
 
 
@@ -128,12 +176,26 @@ def _packed_forward(layer: nn.Linear):
     return forward
 
 
+def _few_row_forward(layer: nn.Linear):
+    plain = type(layer).forward
+
+    def forward(x, *args, **kwargs):
+        if args or kwargs or not few_row_product_applies(x, layer.weight):
+            return plain(layer, x, *args, **kwargs)
+        return few_row_linear(x, layer.weight, layer.bias)
+
+    return forward
+
+
 __all__ = [
+    "FEW_ROW_LAYER_ROWS",
     "PACKED_ATTRIBUTE",
     "PackedWeight",
     "can_use_packed",
     "disable_packed_weights",
     "enable_packed_weights",
+    "few_row_linear",
+    "few_row_product_applies",
     "kept_packed_weight",
     "packed_linear",
     "packed_linears",
