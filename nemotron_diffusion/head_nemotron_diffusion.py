@@ -24,7 +24,8 @@ def apply_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     For 2 to 10 rows in float32 on a CPU (a draft, a verify block) outside autograd, the same products are computed
     as `weight @ hidden.T` (`few_row_linear`, as the layers inside generate()): MKL's `linear` of a few rows against
     a 49k x 576 head took 2 to 3 times a one-row product, the transposed product about 1.5 times
-    (benchmarks/results/head_product_cpu.md), and a block forward's head was a fifth of its time. The sums are the same, in another order (float32 rounding, ~1e-6).
+    (benchmarks/results/head_product_cpu.md), and a block forward's head was a fifth of its time. The sums are the
+    same, in another order (float32 rounding, ~1e-6).
     """
     flat = hidden.reshape(-1, hidden.shape[-1])
     weight = getattr(head, "weight", None)
