@@ -9,7 +9,7 @@ from .packed_nemotron_diffusion import few_row_linear, few_row_product_applies
 
 
 # float32 on a CPU: row counts for which the head is computed as weight @ hidden.T (see `apply_head`).
-TALL_PRODUCT_ROWS = range(2, 11)
+TALL_PRODUCT_ROWS = range(2, 7)
 
 
 def apply_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -21,11 +21,11 @@ def apply_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     135M demo in bfloat16 on one thread, i.e. more than a whole forward, once per draft. Flattening first makes it
     one GEMM; it is a view for such slices and otherwise copies only the selected rows.
 
-    For 2 to 10 rows in float32 on a CPU (a draft, a verify block) outside autograd, the same products are computed
-    as `weight @ hidden.T` (`few_row_linear`, as the layers inside generate()): MKL's `linear` of a few rows against
-    a 49k x 576 head took 2 to 3 times a one-row product, the transposed product about 1.5 times
-    (benchmarks/results/head_product_cpu.md), and a block forward's head was a fifth of its time. The sums are the
-    same, in another order (float32 rounding, ~1e-6).
+    For 2 to 6 rows in float32 on a CPU (a draft, a verify block) outside autograd, the same products are computed
+    as `weight @ hidden.T` (`few_row_linear`, as the layers inside generate()): MKL's `linear` of 2 to 5 rows
+    against a 49k x 576 head took 1.2 to 2.2 times as long (two AMD EPYC Zen 3 hosts, `python -m
+    benchmarks.few_row_product`), and a block forward's head was a fifth of its time; at 6 rows the two tie on one
+    host, and from 8 rows on `linear` won there. The sums are the same, in another order (float32 rounding, ~1e-6).
     """
     flat = hidden.reshape(-1, hidden.shape[-1])
     weight = getattr(head, "weight", None)

@@ -14,12 +14,14 @@ The price is one more copy of each packed weight in memory, so it is opt-in (`en
 default for the demo on a CPU with bf16). Packed copies are used only inside generate() (`packed_linears`), never in
 a forward that may need gradients, and are rebuilt when a weight changes.
 
-Float32 on a CPU needs no copy: for 2 to 4 rows (the query tokens of a verify or commit forward), MKL's `linear` of
-the demo's layer shapes took 1.1-1.8x as long as the same sums computed as `weight @ x.T` (one weight read, the
-few rows streamed against it), and up to 2x a one-row product; from 5 rows on `linear` is as fast or faster
-(`python -m benchmarks.few_row_product`, `docs/cpu-performance.md` §8). Inside generate() every plain float32
-linear layer on a CPU takes the transposed product for those row counts (`few_row_linear`); the sums are the same
-in another order (float32 rounding, ~1e-6), and a one-row AR step keeps `linear`.
+Float32 on a CPU needs no copy: for 2 or 4 rows (the query tokens of a LinearSpec verify or a diffusion commit
+forward of a block of 4, a batch of 2's AR step), MKL's `linear` of the demo's layer shapes took 1.06-1.4x as long
+as the same sums computed as `weight @ x.T` (one weight read, the few rows streamed against it), on two AMD EPYC
+(Zen 3, AVX2) hosts; at 3 rows the transposed product won on one host and lost on the other, and from 5 rows on
+`linear` is as fast or faster (`python -m benchmarks.few_row_product`, `docs/cpu-performance.md` §8). Inside
+generate() every plain float32 linear layer on a CPU takes the transposed product for those row counts
+(`few_row_linear`); the sums are the same in another order (float32 rounding, ~1e-6), and a one-row AR step keeps
+`linear`.
 """
 
 import contextlib
@@ -32,7 +34,7 @@ from torch import nn
 PACKED_ATTRIBUTE = "_nemotron_diffusion_packed_weight"
 
 # float32 on a CPU: row counts for which a layer's product is computed as weight @ x.T (see `few_row_linear`).
-FEW_ROW_LAYER_ROWS = range(2, 5)
+FEW_ROW_LAYER_ROWS = (2, 4)
 
 
 def few_row_product_applies(x: torch.Tensor, weight: torch.Tensor, row_counts=None) -> bool:
