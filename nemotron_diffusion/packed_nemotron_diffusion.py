@@ -180,11 +180,17 @@ def _packed_forward(layer: nn.Linear):
 
 def _few_row_forward(layer: nn.Linear):
     plain = type(layer).forward
+    # Checked once here (`_few_row_linears`): a plain float32 CPU weight. Every AR step calls this for every
+    # layer, so the per-call test is the cheapest one that can say no: the row count first.
+    weight, bias = layer.weight, layer.bias
 
     def forward(x, *args, **kwargs):
-        if args or kwargs or not few_row_product_applies(x, layer.weight):
+        if (
+            args or kwargs or x.dim() == 0 or x.shape[-1] == 0 or x.numel() // x.shape[-1] not in FEW_ROW_LAYER_ROWS
+            or x.dtype != torch.float32 or torch.is_grad_enabled() or layer.weight is not weight
+        ):
             return plain(layer, x, *args, **kwargs)
-        return few_row_linear(x, layer.weight, layer.bias)
+        return few_row_linear(x, weight, bias)
 
     return forward
 
