@@ -158,8 +158,8 @@ def main(argv=None):
           "+tN: LinearSpec verifies a tree of the drafter's top N tokens.)")
     if any(kept_packed_weight(m) is not None for m in model.modules()):
         print("(our forwards use prepacked bf16 weights, model.enable_packed_weights(): the same products as stock's, "
-              "bit for bit, computed faster; that is why ar itself usually beats stock: 1.1-1.2x on the held-out "
-              "prompts, while one timed prompt on a busy machine can show anything.)")
+              "bit for bit, computed faster; that is why ar itself usually beats stock: 1.1-1.35x on the held-out "
+              "prompts, depending on the CPU, while one timed prompt on a busy machine can show anything.)")
 
     ar_tokens = results["ar"][0]
     differing = [mode for mode in ("linear_spec", "quadratic_spec") if not torch.equal(results[mode][0], ar_tokens)]
