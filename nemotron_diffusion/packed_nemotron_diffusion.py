@@ -41,11 +41,19 @@ def few_row_product_applies(x: torch.Tensor, weight: torch.Tensor, row_counts=No
     """Whether `F.linear(x, weight)` is computed as `weight @ x.T` (`few_row_linear`): a float32 CPU product of a
     plain tensor weight (not a tensor-parallel DTensor shard) outside autograd, whose number of rows (x's elements
     over its last dimension) is in `row_counts` (default `FEW_ROW_LAYER_ROWS`)."""
-    row_counts = FEW_ROW_LAYER_ROWS if row_counts is None else row_counts
+    return (
+        _few_float32_rows(x, FEW_ROW_LAYER_ROWS if row_counts is None else row_counts)
+        and weight.dtype == torch.float32 and weight.device.type == "cpu"
+        and weight.dim() == 2 and type(weight.data) is torch.Tensor
+    )
+
+
+def _few_float32_rows(x: torch.Tensor, row_counts) -> bool:
+    """The input's half of `few_row_product_applies`: float32 rows, as many as one of `row_counts`, no autograd
+    (the row count first: it is the test that says no at almost every AR step)."""
     return (
         x.dim() > 0 and x.shape[-1] > 0 and x.numel() // x.shape[-1] in row_counts
-        and x.dtype == torch.float32 == weight.dtype and weight.device.type == "cpu"
-        and weight.dim() == 2 and type(weight.data) is torch.Tensor and not torch.is_grad_enabled()
+        and x.dtype == torch.float32 and not torch.is_grad_enabled()
     )
 
 
@@ -180,15 +188,12 @@ def _packed_forward(layer: nn.Linear):
 
 def _few_row_forward(layer: nn.Linear):
     plain = type(layer).forward
-    # Checked once here (`_few_row_linears`): a plain float32 CPU weight. Every AR step calls this for every
-    # layer, so the per-call test is the cheapest one that can say no: the row count first.
+    # The weight's half of `few_row_product_applies` was checked once (`_few_row_linears`): a plain float32 CPU
+    # weight. Every AR step calls this for every layer, so per call only the input's half is tested.
     weight, bias = layer.weight, layer.bias
 
     def forward(x, *args, **kwargs):
-        if (
-            args or kwargs or x.dim() == 0 or x.shape[-1] == 0 or x.numel() // x.shape[-1] not in FEW_ROW_LAYER_ROWS
-            or x.dtype != torch.float32 or torch.is_grad_enabled() or layer.weight is not weight
-        ):
+        if args or kwargs or not _few_float32_rows(x, FEW_ROW_LAYER_ROWS) or layer.weight is not weight:
             return plain(layer, x, *args, **kwargs)
         return few_row_linear(x, weight, bias)
 
